@@ -1,0 +1,56 @@
+"""The Python API behind every CLI command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .methods import available_methods, register_method  # noqa: F401  (re-exported)
+from .recipe import Recipe, load_recipe, recipe_from_dict
+
+RecipeLike = Union[str, os.PathLike, dict, Recipe]
+
+
+def as_recipe(recipe: RecipeLike, overrides: Optional[list[str]] = None) -> Recipe:
+    """A path, a dict or a Recipe (overrides apply to paths and dicts)."""
+    if isinstance(recipe, Recipe):
+        if overrides:
+            from .recipe import apply_overrides
+
+            return recipe_from_dict(apply_overrides(recipe.to_dict(), list(overrides)), recipe.source)
+        return recipe
+    if isinstance(recipe, dict):
+        from .recipe import apply_overrides
+
+        return recipe_from_dict(apply_overrides(dict(recipe), list(overrides or [])))
+    return load_recipe(Path(recipe), overrides)
+
+
+def train(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Train a recipe; returns metrics.json's content. The run folder is recipe.output.dir."""
+    from .trainer import train as _train
+
+    return _train(as_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
+
+
+def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check_data: bool = True) -> dict:
+    """Check a recipe without training: schema, method options, data files and labels, backbone name."""
+    from .backbones import resolve_backbone
+    from .tasks import get_task_class
+
+    r = as_recipe(recipe, overrides)
+    summary: dict[str, Any] = {"recipe": r.source, "task": r.task, "method": r.method.name}
+    task = get_task_class(r.task)(r)
+    task.check_metric(r.train.metric)
+    if check_data:
+        splits = task.load_splits()
+        summary.update(
+            train=len(splits.train),
+            validation=len(splits.validation),
+            test=len(splits.test) if splits.test is not None else 0,
+            labels=len(task.labels),
+        )
+    summary["backbone"] = resolve_backbone(r.backbone)
+    return summary

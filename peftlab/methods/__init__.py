@@ -1,0 +1,220 @@
+"""Method plugins and their registry.
+
+A method is one module with one class implementing :class:`Method`:
+
+* ``Options``: a pydantic model of its recipe keys (``method: {name: lora, r: 8}``);
+* ``apply(model, ctx)``: make the model trainable its way, return the model to train;
+* ``trainable_parameters(model)``: what the optimizer updates (default: ``requires_grad``);
+* ``save(model, folder, ctx)`` / ``load(folder, ctx)``: safetensors in, safetensors out, head included;
+* ``can_merge`` and ``merge(model)``: fold the method into plain ``transformers`` weights;
+* ``supports_quantization``: whether it trains on an int8/nf4/fp4 backbone.
+
+Register a built-in in one line with ``@register_method``. Third-party packages register through
+the entry-point group ``peftlab.methods`` (``name = "pkg.module:MyMethod"``). A method never edits
+the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import PeftlabError
+
+ENTRY_POINT_GROUP = "peftlab.methods"
+METHOD_FILE = "peftlab_method.json"
+STATE_FILE = "peftlab_weights.safetensors"
+
+_METHODS: dict[str, type["Method"]] = {}
+_ENTRY_POINT_ERRORS: dict[str, str] = {}
+_loaded = False
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class MethodContext:
+    """What a method may need to know about the model it wraps."""
+
+    task: Any  # peftlab.tasks.Task
+    backbone: Any  # peftlab.recipe.BackboneConfig
+    head_names: list[str] = field(default_factory=list)
+    load_base: Optional[Callable[[], Any]] = None  # builds a fresh backbone+head model
+
+    @property
+    def quantized(self) -> bool:
+        return self.backbone.quantization != "none"
+
+
+class Method:
+    """Base class of method plugins; the defaults suit methods that add or unfreeze modules."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    can_merge: ClassVar[bool] = False
+    supports_quantization: ClassVar[bool] = False
+
+    def __init__(self, options: Optional[BaseModel] = None):
+        self.options = options if options is not None else self.Options()
+
+    # -- recipe-level checks ----------------------------------------------------------------------
+    @classmethod
+    def check_recipe(cls, recipe: Any, options: BaseModel) -> None:
+        """Raise PeftlabError for combinations this method cannot run (called at recipe load)."""
+        if recipe.backbone.quantization != "none" and not cls.supports_quantization:
+            able = [n for n, m in available_methods().items() if m.supports_quantization]
+            raise PeftlabError(
+                f"{recipe.source}: method.name: method '{cls.name}' cannot train a quantized backbone "
+                f"(backbone.quantization: {recipe.backbone.quantization}); methods that can: {', '.join(able)}"
+            )
+
+    # -- training ---------------------------------------------------------------------------------
+    def apply(self, model: Any, ctx: MethodContext) -> Any:
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: Any) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, model: Any, folder: Path, ctx: MethodContext) -> None:
+        """Default: the trainable tensors as safetensors (loaded back over a freshly built model)."""
+        from safetensors.torch import save_file
+
+        state = {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters(model).items()}
+        save_file(state, str(Path(folder) / STATE_FILE), metadata={"method": self.name})
+
+    def load(self, folder: Path, ctx: MethodContext) -> Any:
+        from safetensors.torch import load_file
+
+        model = self.apply(ctx.load_base(), ctx)
+        load_trainable_state(model, load_file(str(Path(folder) / STATE_FILE)), str(folder))
+        return model
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merge(self, model: Any) -> Any:
+        mergeable = [n for n, m in available_methods().items() if m.can_merge]
+        raise PeftlabError(
+            f"method '{self.name}' cannot be merged into the backbone's weights "
+            f"(methods that can: {', '.join(mergeable)}); use `peftlab export` instead"
+        )
+
+
+def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into ``model``'s parameters by name; every key must match a parameter."""
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise PeftlabError(f"{where}: weights do not fit the model (e.g. unknown tensor '{missing[0]}')")
+    with torch.no_grad():
+        for k, v in state.items():
+            if params[k].shape != v.shape:
+                raise PeftlabError(
+                    f"{where}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}"
+                )
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``@register_method`` makes ``method: {name: cls.name}`` usable in recipes."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import full, head, lora  # noqa: F401  (built-ins register themselves)
+
+    for optional in ("adapter", "prefix", "peft_tuner"):
+        try:
+            importlib.import_module(f"{__name__}.{optional}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{optional}":
+                raise
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _METHODS:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+            _ENTRY_POINT_ERRORS[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            _ENTRY_POINT_ERRORS[ep.name] = f"{ep.value} is not a peftlab.methods.Method subclass"
+            continue
+        if getattr(cls, "name", None) != ep.name:
+            cls.name = ep.name
+        _METHODS[ep.name] = cls
+
+
+def available_methods() -> dict[str, type[Method]]:
+    _load()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method_class(name: str) -> type[Method]:
+    methods = available_methods()
+    if name in _ENTRY_POINT_ERRORS and name not in methods:
+        raise PeftlabError(f"method plugin '{name}' failed to load: {_ENTRY_POINT_ERRORS[name]}")
+    if name not in methods:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(methods), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise PeftlabError(f"unknown method '{name}'{hint}; known: {', '.join(methods)}")
+    return methods[name]
+
+
+def build_method(recipe: Any) -> Method:
+    cls = get_method_class(recipe.method.name)
+    options = recipe.method_options
+    if options is None:
+        options = cls.Options.model_validate(recipe.method.options_dict())
+    return cls(options)
+
+
+def write_method_file(folder: Path, method: Method, recipe: Any, labels: list[str], head_names: list[str]) -> None:
+    info = {
+        "method": method.name,
+        "head_names": list(head_names),
+        "options": method.options.model_dump(mode="json"),
+        "backbone": recipe.backbone.model_dump(mode="json"),
+        "task": recipe.task,
+        "labels": labels,
+    }
+    (Path(folder) / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def read_method_file(folder: Path) -> dict:
+    path = Path(folder) / METHOD_FILE
+    if not path.is_file():
+        raise PeftlabError(f"{folder}: not a peftlab model folder (no {METHOD_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def describe_methods() -> list[dict]:
+    rows = []
+    for name, cls in available_methods().items():
+        rows.append(
+            {
+                "name": name,
+                "merges": cls.can_merge,
+                "quantization": cls.supports_quantization,
+                "description": cls.description,
+                "source": cls.__module__,
+            }
+        )
+    return rows

@@ -1,0 +1,80 @@
+"""``lora``: low-rank adapters through peft; the task head trains and is saved with the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import Method, MethodContext, register_method
+
+PEFT_TASK_TYPES = {
+    "token_classification": "TOKEN_CLS",
+    "sequence_classification": "SEQ_CLS",
+    "causal_lm": "CAUSAL_LM",
+}
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator (update scaled by alpha / r).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", description="Module names (or suffixes) to adapt; 'all-linear' = every linear layer but the head."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r).")
+
+
+def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
+    """peft's k-bit preparation (fp32 norms, input grads) for quantized backbones."""
+    if ctx.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+@register_method
+class Lora(Method):
+    name = "lora"
+    description = "LoRA low-rank adapters (peft); task head trained and saved with the adapter"
+    Options = LoraOptions
+    can_merge = True
+    supports_quantization = True
+
+    def peft_config(self, ctx: MethodContext) -> Any:
+        from peft import LoraConfig
+
+        o = self.options
+        return LoraConfig(
+            r=o.r,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=o.target_modules,
+            bias=o.bias,
+            use_dora=o.use_dora,
+            use_rslora=o.use_rslora,
+            modules_to_save=list(ctx.head_names) or None,
+            task_type=PEFT_TASK_TYPES.get(ctx.task.name),
+        )
+
+    def apply(self, model: Any, ctx: MethodContext) -> Any:
+        from peft import get_peft_model
+
+        model = prepare_quantized(model, ctx)
+        return get_peft_model(model, self.peft_config(ctx))
+
+    def save(self, model: Any, folder: Path, ctx: MethodContext) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+
+    def load(self, folder: Path, ctx: MethodContext) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False)
+
+    def merge(self, model: Any) -> Any:
+        return model.merge_and_unload()

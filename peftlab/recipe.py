@@ -1,0 +1,433 @@
+"""The recipe schema: the single source of truth for recipe keys, defaults and error messages.
+
+A recipe is a YAML file with five sections::
+
+    backbone: {name: sentence-transformers/all-MiniLM-L6-v2}
+    task: token_classification
+    data: {train: ..., validation: ..., test: ...}
+    method: {name: lora, r: 8}
+    train: {lr: 1e-3, epochs: 5}
+    output: {dir: runs/lora_ner}
+
+``load_recipe(path, overrides)`` reads it with ``yaml.safe_load``, applies ``key=value`` overrides,
+validates every key (method options included, against the method plugin's own ``Options`` model)
+and returns a :class:`Recipe`. Any problem raises :class:`~peftlab.errors.PeftlabError` with one
+line naming the file, the key (and line) and what was expected. ``peftlab schema`` prints this
+module's models as a reference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .errors import PeftlabError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(StrictModel):
+    name: str = Field(
+        description="Hugging Face model name, local folder, or a packaged model name "
+        "(see `peftlab backbones`)."
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the (non-quantized) weights."
+    )
+    quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
+        "none", description="bitsandbytes quantization of the backbone's linear layers."
+    )
+    double_quant: bool = Field(True, description="nf4/fp4: also quantize the quantization constants.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="nf4/fp4 compute dtype; auto = bfloat16 on GPUs that support it, float32 otherwise.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+    allow_pickle: bool = Field(
+        False, description="Allow loading pickle (.bin/.pt) weights; safetensors only by default."
+    )
+
+
+class DataConfig(StrictModel):
+    format: Literal["auto", "conll", "csv", "tsv", "jsonl", "hub"] = Field(
+        "auto", description="File format; auto = from the file extension (or 'hub' when data.hub is set)."
+    )
+    hub: Optional[str] = Field(
+        None, description="A `datasets` hub name; train/validation/test then name its splits."
+    )
+    hub_config: Optional[str] = Field(None, description="The hub dataset's configuration name.")
+    train: str = Field(description="Training file (or split name with data.hub).")
+    validation: Optional[str] = Field(
+        None, description="Validation file; when absent, data.validation_split of train is held out."
+    )
+    test: Optional[str] = Field(None, description="Test file, evaluated once with the best model.")
+    validation_split: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of train held out when there is no validation file."
+    )
+    split_seed: int = Field(42, description="Seed of the held-out split and of max_train_samples.")
+    max_train_samples: Optional[int] = Field(
+        None, gt=0, description="Train on a fixed-seed random subset of this many examples."
+    )
+    text_column: str = Field("text", description="Text column (CSV/TSV/JSONL/hub).")
+    label_column: str = Field("label", description="Label column for sequence classification.")
+    tokens_column: str = Field("tokens", description="Word-list column for NER in JSONL/hub data.")
+    tags_column: str = Field("tags", description="Tag-list column for NER in JSONL/hub data.")
+    max_length: int = Field(128, gt=0, description="Truncate inputs to this many tokens.")
+    prompt_template: str = Field(
+        "{text}", description="causal_lm: prompt built from the example's columns."
+    )
+    completion_template: str = Field(
+        " {label}", description="causal_lm: completion built from the example's columns."
+    )
+    use_chat_template: bool = Field(
+        True, description="causal_lm: wrap the prompt in the tokenizer's chat template if it has one."
+    )
+    max_new_tokens: int = Field(16, gt=0, description="causal_lm: tokens generated at evaluation.")
+
+
+class MethodSpec(BaseModel):
+    """``name`` plus the method's own options (validated by the method plugin)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="A registered method (see `peftlab methods`).")
+
+    def options_dict(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(StrictModel):
+    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    head_lr: Optional[float] = Field(
+        None, gt=0, description="Learning rate of the task head (default: train.lr)."
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/norms).")
+    batch_size: int = Field(16, gt=0, description="Per-process training batch size.")
+    eval_batch_size: int = Field(64, gt=0, description="Per-process evaluation batch size.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding, faster on CPU)."
+    )
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    epochs: int = Field(3, gt=0, description="Training epochs (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate decay after warmup."
+    )
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping (null = off).")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    eval_steps: Optional[int] = Field(
+        None, gt=0, description="Evaluate every N optimizer steps (default: at the end of each epoch)."
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    metric: Optional[str] = Field(
+        None, description="Validation metric that selects the best model (default: the task's)."
+    )
+    checkpoint_every: Optional[int] = Field(
+        None, gt=0, description="Save a resumable checkpoint every N optimizer steps (and each epoch)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many resumable checkpoints to keep.")
+    num_threads: Optional[int] = Field(
+        None, gt=0, description="CPU threads per process (default: all cores / processes)."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    log_every: int = Field(10, gt=0, description="Log loss and lr every N optimizer steps.")
+    trackers: Literal["auto", "none", "tensorboard"] = Field(
+        "auto", description="accelerate trackers; auto = TensorBoard when installed."
+    )
+
+
+class OutputConfig(StrictModel):
+    dir: Optional[str] = Field(None, description="Run folder (default: runs/<recipe file stem>).")
+
+
+class Recipe(StrictModel):
+    description: Optional[str] = Field(None, description="Free text, kept in the run's recipe.yaml.")
+    backbone: BackboneConfig
+    task: str = Field(description="token_classification | sequence_classification | causal_lm.")
+    data: DataConfig
+    method: MethodSpec
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    _source: str = PrivateAttr("<recipe>")
+    _method_options: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check_data(self) -> "Recipe":
+        if self.data.hub is None and self.data.format == "hub":
+            raise ValueError("data.format is 'hub' but data.hub names no dataset")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def method_options(self) -> Any:
+        """The method's validated ``Options`` instance."""
+        return self._method_options
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+def _closest(word: str, choices: list[str]) -> Optional[str]:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> Optional[list[str]]:
+    """The valid key names at ``path`` inside ``model`` (None when unknown)."""
+    current: Any = model
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _yaml_line(text: Optional[str], path: tuple) -> Optional[int]:
+    """1-based line of the key at ``path`` in the YAML ``text``, if it can be found."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in path:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == str(part):
+                line = key_node.start_mark.line + 1
+                node = value_node
+                break
+        else:
+            break
+    return line
+
+
+def format_validation_error(
+    err: ValidationError,
+    source: str,
+    model: type[BaseModel],
+    prefix: tuple = (),
+    text: Optional[str] = None,
+) -> str:
+    """One line for the first error of a pydantic ValidationError."""
+    e = err.errors()[0]
+    loc = prefix + tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = _yaml_line(text, loc)
+    where = f"{source}:{line}" if line else source
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(model, tuple(e["loc"][:-1])) or []
+        hint = _closest(str(e["loc"][-1]), valid)
+        suggestion = f" (did you mean '{'.'.join(map(str, prefix + tuple(e['loc'][:-1]) + (hint,)))}'?)" if hint else ""
+        return f"{where}: {key}: unknown key{suggestion}; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{where}: {key}: required key is missing"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = e.get("input")
+    got_txt = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{where}: {key}: {msg}{got_txt}"
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[tuple[str, ...], Any, str]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise PeftlabError(
+                f"command line: override '{item}' is not of the form key=value (e.g. train.epochs=1)"
+            )
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((tuple(key.strip().split(".")), value, item))
+    return parsed
+
+
+def _check_override_key(path: tuple[str, ...], item: str) -> None:
+    if path[0] == "method" and len(path) >= 2:
+        return  # method options are checked against the method plugin
+    valid = list(Recipe.model_fields)
+    for depth, part in enumerate(path):
+        fields = _fields_at(Recipe, path[:depth]) if depth else valid
+        if fields is None or part not in fields:
+            hint = _closest(part, fields or [])
+            where = ".".join(path[: depth + 1])
+            suggestion = f" (did you mean '{'.'.join(path[:depth] + (hint,))}'?)" if hint else ""
+            raise PeftlabError(f"command line: override '{item}': unknown key '{where}'{suggestion}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for path, value, item in parse_overrides(overrides):
+        _check_override_key(path, item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                if path[0] == "method" and part == "method" and isinstance(child, str):
+                    child = node[part] = {"name": child}
+                else:
+                    raise PeftlabError(
+                        f"command line: override '{item}': '{part}' is not a section"
+                    )
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> tuple[dict, str]:
+    if not path.is_file():
+        raise PeftlabError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PeftlabError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PeftlabError(f"{path}{line}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PeftlabError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    return data, text
+
+
+def recipe_from_dict(
+    data: dict, source: str = "<recipe>", text: Optional[str] = None, default_output: Optional[str] = None
+) -> Recipe:
+    """Validate a recipe given as a dict (the Python API's entry point)."""
+    from .methods import get_method_class
+    from .tasks import get_task_class
+
+    data = dict(data)
+    if isinstance(data.get("method"), str):  # `method: lora` is short for `method: {name: lora}`
+        data["method"] = {"name": data["method"]}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise PeftlabError(format_validation_error(err, source, Recipe, text=text)) from None
+    recipe._source = source
+
+    line = lambda *p: f"{source}:{_yaml_line(text, p)}" if _yaml_line(text, p) else source  # noqa: E731
+    try:
+        get_task_class(recipe.task)
+    except PeftlabError as exc:
+        raise PeftlabError(f"{line('task')}: task: {exc}") from None
+    try:
+        method_cls = get_method_class(recipe.method.name)
+    except PeftlabError as exc:
+        raise PeftlabError(f"{line('method', 'name')}: method.name: {exc}") from None
+    try:
+        options = method_cls.Options.model_validate(recipe.method.options_dict())
+    except ValidationError as err:
+        raise PeftlabError(
+            format_validation_error(err, source, method_cls.Options, prefix=("method",), text=text)
+        ) from None
+    method_cls.check_recipe(recipe, options)  # raises PeftlabError naming the key
+    recipe.method = MethodSpec(name=recipe.method.name, **options.model_dump(mode="json"))
+    recipe._method_options = options
+    if recipe.output.dir is None:
+        recipe.output.dir = default_output or "runs/run"
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises PeftlabError (one line) on any problem."""
+    path = Path(path)
+    data, text = read_yaml(path)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    return recipe_from_dict(
+        data, source=str(path), text=text, default_output=str(Path("runs") / path.stem)
+    )
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def _describe_model(model: type[BaseModel], indent: str = "  ") -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not MethodSpec:
+            lines.append(f"{indent}{name}:")
+            lines.extend(_describe_model(ann, indent + "  "))
+            continue
+        type_txt = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if str(ann).startswith("typing.Literal") or "Literal" in str(ann):
+            type_txt = " | ".join(map(str, getattr(ann, "__args__", ())))
+        if "Optional" in str(ann) or "None" in str(ann):
+            args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+            inner = args[0] if args else ann
+            type_txt = (
+                " | ".join(map(str, getattr(inner, "__args__", ())))
+                if "Literal" in str(inner)
+                else getattr(inner, "__name__", str(inner))
+            ) + " | null"
+        if field.is_required():
+            default = "required"
+        else:
+            default = "default " + repr(field.get_default(call_default_factory=True))
+        lines.append(f"{indent}{name}: {type_txt}  ({default})  {field.description or ''}".rstrip())
+    return lines
+
+
+def describe_schema() -> str:
+    """The recipe reference (every key, type, default, description), including method options."""
+    from .methods import available_methods
+    from .tasks import available_tasks
+
+    out = ["# peftlab recipe reference (generated from peftlab/recipe.py)", ""]
+    out.append("description: str | null  (default None)  Free text.")
+    for name in ("backbone", "data", "train", "output"):
+        out.append(f"{name}:")
+        out.extend(_describe_model(Recipe.model_fields[name].annotation))
+    out.append(f"task: one of {', '.join(available_tasks())}  (required)")
+    out.append("method:")
+    out.append("  name: str  (required)  One of the methods below; the other keys are its options.")
+    for name, cls in available_methods().items():
+        out.append(f"  # method.name = {name}: {cls.description}")
+        out.extend(_describe_model(cls.Options, "    "))
+    return "\n".join(out) + "\n"

