@@ -1,0 +1,131 @@
+"""Recipe schema: loading, overrides, resolved output, and one-line errors for bad recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from peftlab.errors import PeftlabError
+from peftlab.recipe import describe_schema, load_recipe
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+BASE = """\
+backbone: {name: sentence-transformers/all-MiniLM-L6-v2}
+task: token_classification
+data:
+  train: ../shared/data/wnut17/wnut17train.conll
+  validation: ../shared/data/wnut17/emerging.dev.conll
+method: {name: lora, r: 8}
+train: {lr: 1.0e-3, epochs: 2}
+"""
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates_and_names_its_command(path):
+    recipe = load_recipe(path)
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# Run: peftlab train recipes/"), first
+    assert path.name in first
+    assert recipe.output.dir
+
+
+def test_defaults_and_overrides(tmp_path):
+    r = load_recipe(write(tmp_path, BASE), ["train.epochs=1", "method.r=16", "train.lr=3e-4", "method.target_modules=[query,value]"])
+    assert r.train.epochs == 1
+    assert r.train.lr == pytest.approx(3e-4)
+    assert r.method_options.r == 16
+    assert r.method_options.target_modules == ["query", "value"]
+    assert r.train.scheduler == "linear" and r.train.batch_size == 16  # defaults filled in
+    assert r.output.dir == "runs/r"  # default: runs/<recipe stem>
+    resolved = yaml.safe_load(r.to_yaml())
+    assert resolved["method"] == {**resolved["method"], "name": "lora", "r": 16, "alpha": 16.0}
+    assert resolved["train"]["epochs"] == 1
+
+
+def test_method_short_form(tmp_path):
+    r = load_recipe(write(tmp_path, BASE.replace("method: {name: lora, r: 8}", "method: full")))
+    assert r.method.name == "full"
+
+
+@pytest.mark.parametrize(
+    "change, overrides, fragment",
+    [
+        (("train: {lr: 1.0e-3, epochs: 2}", "train: {lrr: 1.0e-3, epochs: 2}"), [],
+         "r.yaml:7: train.lrr: unknown key (did you mean 'train.lr'?)"),
+        (("train: {lr: 1.0e-3, epochs: 2}", "train: {lr: 1.0e-3, epochs: two}"), [],
+         "r.yaml:7: train.epochs: Input should be a valid integer"),
+        (("train: {lr: 1.0e-3, epochs: 2}", "train: {lr: -1.0, epochs: 2}"), [],
+         "train.lr: Input should be greater than 0 (got -1.0)"),
+        (("{name: lora, r: 8}", "{name: lora, r: 0}"), [], "method.r: Input should be greater than 0"),
+        (("{name: lora, r: 8}", "{name: lora, rank: 8}"), [], "method.rank: unknown key"),
+        (("{name: lora, r: 8}", "{name: loraa}"), [], "method.name: unknown method 'loraa' (did you mean 'lora'?)"),
+        (("task: token_classification", "task: ner"), [], "task: unknown task 'ner'"),
+        (("backbone: {name: sentence-transformers/all-MiniLM-L6-v2}\n", ""), [], "backbone: required key is missing"),
+        ((None, None), ["train.epoch=1"], "override 'train.epoch=1': unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ((None, None), ["trian.epochs=1"], "unknown key 'trian' (did you mean 'train'?)"),
+        ((None, None), ["train.epochs"], "override 'train.epochs' is not of the form key=value"),
+        ((None, None), ["train.epochs=0"], "train.epochs: Input should be greater than 0"),
+    ],
+)
+def test_bad_recipes_raise_one_line(tmp_path, change, overrides, fragment):
+    text = BASE if change[0] is None else BASE.replace(*change)
+    with pytest.raises(PeftlabError) as info:
+        load_recipe(write(tmp_path, text), overrides)
+    msg = str(info.value)
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    with pytest.raises(PeftlabError, match=r"r.yaml:3: invalid YAML"):
+        load_recipe(write(tmp_path, "backbone: {name: x}\ntask: a\n  oops: b\n"))
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(PeftlabError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_exit_code_2_and_one_line(tmp_path):
+    bad = write(tmp_path, BASE.replace("lr: 1.0e-3", "lr: 1.0e-3, batchsize: 8"))
+    res = run_cli("validate", str(bad))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "train.batchsize: unknown key (did you mean 'train.batch_size'?)" in lines[0]
+    assert str(bad) in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_missing_data_file_and_unknown_method(tmp_path):
+    res = run_cli("validate", str(write(tmp_path, BASE)), "data.train=/nonexistent/train.conll")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "peftlab: error: data.train: file not found: /nonexistent/train.conll"
+    res = run_cli("validate", str(write(tmp_path, BASE)), "method.name=adapterz")
+    assert res.returncode == 2 and "method.name: unknown method 'adapterz'" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_validate_reports_counts():
+    res = run_cli("validate", "recipes/lora_ner.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "train 3394, validation 1009, test 1287, labels 13" in res.stdout
+
+
+def test_schema_prints_every_key():
+    text = describe_schema()
+    for key in ("backbone:", "quantization:", "early_stopping_patience:", "max_train_samples:", "unfreeze_last_layers:", "target_modules:"):
+        assert key in text
+    res = run_cli("schema")
+    assert res.returncode == 0 and "warmup_ratio" in res.stdout

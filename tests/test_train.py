@@ -1,0 +1,139 @@
+"""End-to-end training on a tiny random BERT: run folder, parameter counts, save/load, methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftlab
+from conftest import cls_recipe, ner_recipe
+from peftlab.errors import PeftlabError
+from peftlab.runs import load_run
+
+RUN_FILES = {"metrics.json", "recipe.yaml", "labels.json", "params.json", "resources.json", "train.log", "model"}
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def lora_count(r: int, shapes: list[tuple[int, int]]) -> int:
+    return sum(r * (d_in + d_out) for d_in, d_out in shapes)
+
+
+def bert_linear_shapes(hidden: int, inter: int, layers: int) -> list[tuple[int, int]]:
+    per_layer = [(hidden, hidden)] * 4 + [(hidden, inter), (inter, hidden)]  # q k v attn-out, ffn in/out
+    return per_layer * layers
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_bert, wnut_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4, "alpha": 8}, epochs=3, lr=1e-2)
+    metrics = peftlab.train(recipe)
+    return out, metrics
+
+
+def test_run_folder_contents(lora_run):
+    out, metrics = lora_run
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    assert (out / "model" / "tokenizer.json").is_file()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    m = read(out / "metrics.json")
+    assert m == json.loads(json.dumps(metrics))
+    assert m["best_epoch"] in (1, 2, 3) and len(m["history"]) == 3
+    assert {"f1", "precision", "recall", "per_type"} <= set(m["test"])
+    assert m["dev"]["step"] == m["best_step"]
+    res = read(out / "resources.json")
+    assert res["peak_rss_bytes"] > 100e6 and res["train_time_s"] > 0 and res["tokens_per_s"] > 0
+    assert read(out / "labels.json")[0] == "O"
+    recipe_text = (out / "recipe.yaml").read_text()
+    assert "r: 4" in recipe_text and "scheduler: linear" in recipe_text  # resolved, defaults filled
+
+
+def test_loss_falls(lora_run):
+    out, metrics = lora_run
+    losses = [loss for _, loss in metrics["train_loss"]]
+    assert len(losses) >= 2
+    assert losses[-1] < losses[0] * 0.7, losses
+    dev_losses = [h["loss"] for h in metrics["history"]]
+    assert dev_losses[-1] < dev_losses[0]
+
+
+def test_lora_param_count_is_analytic(lora_run):
+    out, _ = lora_run
+    p = read(out / "params.json")
+    n_labels = len(read(out / "labels.json"))
+    head = 32 * n_labels + n_labels
+    expected = lora_count(4, bert_linear_shapes(32, 64, 2))
+    assert p["trainable_params_without_head"] == expected
+    assert p["trainable_head_params"] == head
+    assert p["trainable_params"] == expected + head
+    assert p["peft_count"]["trainable"] == expected + head
+
+
+def test_saved_adapter_includes_head_and_reloads_identically(lora_run, wnut_small):
+    out, metrics = lora_run
+    keys = load_file(str(out / "model" / "adapter_model.safetensors")).keys()
+    assert any("classifier" in k for k in keys)
+    run = load_run(out)
+    tok = run.tokenizer
+    batch = tok([["Paris", "is", "in", "France"]], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        a = run.model(**batch).logits
+        b = load_run(out).model(**batch).logits
+    assert torch.equal(a, b)
+
+
+def test_real_test_metric_recomputed_from_saved_model(lora_run):
+    """The test F1 in metrics.json is what the saved model scores (the best model was restored)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    out, metrics = lora_run
+    run = load_run(out)
+    splits = run.task.load_splits()
+    enc = run.task.encode(splits.test, run.tokenizer, "test")
+    dl = DataLoader(enc, batch_size=16, collate_fn=run.task.collator(run.tokenizer))
+    again = run.task.evaluate(run.model, dl, Accelerator(cpu=True), enc)
+    assert again["f1"] == pytest.approx(metrics["test"]["f1"], abs=1e-9)
+    assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method, trainable_check", [
+    ({"name": "full"}, lambda p: p["trainable_params"] == p["total_params"]),
+    ({"name": "head"}, lambda p: p["trainable_params"] == p["head_params"] == p["trainable_head_params"]),
+    ({"name": "head", "unfreeze_last_layers": 1},
+     lambda p: p["trainable_params_without_head"] == (4 * (32 * 32 + 32) + 2 * 32 * 64 + 64 + 32 + 4 * 32) + (32 * 32 + 32)),
+])
+def test_full_and_head_methods_train_and_reload(tiny_bert, banking_small, tmp_path, method, trainable_check):
+    out = tmp_path / "run"
+    metrics = peftlab.train(cls_recipe(tiny_bert, banking_small, out, method, epochs=2, lr=2e-3))
+    p = read(out / "params.json")
+    assert trainable_check(p), p
+    assert metrics["test"]["accuracy"] >= 0
+    run = load_run(out)
+    tok = run.tokenizer
+    batch = tok(["my card has not arrived"], return_tensors="pt")
+    with torch.no_grad():
+        assert run.model(**batch).logits.shape == (1, 6)
+
+
+def test_existing_run_dir_is_refused(lora_run, tiny_bert, wnut_small):
+    out, _ = lora_run
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4})
+    with pytest.raises(PeftlabError, match="already holds files; pass --resume .* or --overwrite"):
+        peftlab.train(recipe)
+
+
+def test_bad_input_writes_nothing(tiny_bert, wnut_small, tmp_path):
+    out = tmp_path / "never"
+    bad = dict(wnut_small, validation=str(tmp_path / "missing.conll"))
+    with pytest.raises(PeftlabError, match="data.validation: file not found"):
+        peftlab.train(ner_recipe(tiny_bert, bad, out, {"name": "lora"}))
+    assert not out.exists()
