@@ -40,7 +40,7 @@ from .errors import PeftlabError, TrainingError
 from .methods import load_trainable_state, write_method_file
 from .recipe import Recipe
 from .runs import BEST_DIR, CHECKPOINTS_DIR, MODEL_DIR, build_model, is_head_parameter, parameter_report
-from .tasks import LengthGroupedEpochSampler, batch_to_model_inputs, get_task_class
+from .tasks import LengthGroupedEpochSampler, get_task_class
 
 log = logging.getLogger("peftlab")
 
@@ -378,8 +378,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         t_batch = time.perf_counter()
         for batch in batches:
             with accelerator.accumulate(model):
-                outputs = model(**batch_to_model_inputs(batch))
-                loss = outputs.loss
+                loss = task.training_loss(model, batch)
                 bad = (~torch.isfinite(loss.detach())).float()
                 if accelerator.num_processes > 1:
                     bad = accelerator.reduce(bad, "sum")

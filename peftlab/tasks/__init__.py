@@ -82,6 +82,11 @@ class Task:
             "label2id": self.label2id,
         }
 
+    # -- training ---------------------------------------------------------------------------------
+    def training_loss(self, model: Any, batch: dict) -> torch.Tensor:
+        """The loss the trainer minimises for one batch (default: the model's own loss)."""
+        return model(**batch_to_model_inputs(batch)).loss
+
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: "EncodedSplit") -> dict:
         raise NotImplementedError
