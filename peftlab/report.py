@@ -1,0 +1,466 @@
+"""``peftlab report RESULTS.jsonl``: the benchmark report, computed from the records alone.
+
+Writes next to the JSONL (or into ``--out``):
+
+* ``report.md``  – header (how to reproduce it, machine, versions, which cells are missing or failed),
+  one table row per configuration (mean ± sample std over seeds), peftlab vs baseline, plots;
+* ``report.csv`` – the same table, full precision, ``<value>_mean`` / ``<value>_std`` / ``<value>_n``;
+* ``test_<metric>_vs_trainable_params.png`` and ``test_<metric>_vs_peak_memory.png``.
+
+If ``plan.json`` (written by ``peftlab bench``) lies next to the JSONL, only the cells of that plan
+are reported and the planned cells without an ``ok`` record are listed. Nothing in the report is
+typed by hand: every number is computed here from the records; the output has no timestamps, so
+the same JSONL always gives the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from .atomicio import write_bytes, write_text
+from .errors import PeftlabError
+
+MB = 2**20
+HIDDEN_TEST_METRICS = ("loss", "examples")
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class Stat:
+    mean: Optional[float]
+    std: Optional[float]  # sample standard deviation (n - 1); None for n < 2
+    n: int
+
+    @classmethod
+    def of(cls, values: list[Optional[float]]) -> "Stat":
+        vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(float(v))]
+        if not vals:
+            return cls(None, None, 0)
+        return cls(statistics.fmean(vals), statistics.stdev(vals) if len(vals) >= 2 else None, len(vals))
+
+
+def _get(rec: dict, *path: str) -> Any:
+    node: Any = rec
+    for p in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(p)
+    return node
+
+
+def _mb(v: Any) -> Optional[float]:
+    return v / MB if isinstance(v, (int, float)) else None
+
+
+@dataclass
+class Column:
+    key: str  # CSV name
+    header: str  # Markdown header
+    get: Callable[[dict], Any]
+    fmt: str  # format of mean and std in the Markdown table
+    markdown: bool = True
+
+
+def columns_for(records: list[dict], metric: Optional[str]) -> list[Column]:
+    test_names: list[str] = []
+    for r in records:
+        for k in (r.get("test") or {}):
+            if k not in test_names and k not in HIDDEN_TEST_METRICS:
+                test_names.append(k)
+    test_names.sort(key=lambda k: (k != metric, k))
+    cols: list[Column] = []
+    if metric:
+        cols.append(Column(f"dev_{metric}", f"dev {metric}", lambda r, m=metric: _get(r, "dev", m), "{:.4f}"))
+    for m in test_names:
+        cols.append(Column(f"test_{m}", f"test {m}", lambda r, m=m: _get(r, "test", m), "{:.4f}"))
+    cols += [
+        Column("trainable_params", "trainable params", lambda r: _get(r, "params", "trainable_params"), "{:,.0f}"),
+        Column("trainable_pct", "trainable %", lambda r: _get(r, "params", "trainable_pct"), "{:.3f}"),
+        Column("trainable_head_params", "of which head", lambda r: _get(r, "params", "trainable_head_params"), "{:,.0f}"),
+        Column("trainable_pct_without_head", "trainable % w/o head",
+               lambda r: _get(r, "params", "trainable_pct_without_head"), "{:.3f}", markdown=False),
+        Column("total_params", "total params", lambda r: _get(r, "params", "total_params"), "{:,.0f}", markdown=False),
+        Column("peak_rss_mb", "peak RSS (MB)", lambda r: _mb(_get(r, "memory", "peak_rss_bytes")), "{:.0f}"),
+        Column("parent_peak_rss_mb", "peak RSS seen by the bench (MB)",
+               lambda r: _mb(_get(r, "memory", "parent_peak_rss_bytes")), "{:.0f}", markdown=False),
+        Column("load_rss_mb", "model-load RSS (MB)", lambda r: _mb(_get(r, "memory", "load_rss_bytes")), "{:.0f}"),
+    ]
+    if any(_get(r, "memory", "cuda_max_memory_allocated_bytes") is not None for r in records):
+        cols += [
+            Column("gpu_max_allocated_mb", "GPU max allocated (MB)",
+                   lambda r: _mb(_get(r, "memory", "cuda_max_memory_allocated_bytes")), "{:.0f}"),
+            Column("gpu_max_reserved_mb", "GPU max reserved (MB)",
+                   lambda r: _mb(_get(r, "memory", "cuda_max_memory_reserved_bytes")), "{:.0f}"),
+        ]
+    cols += [
+        Column("train_time_s", "train time (s)", lambda r: _get(r, "time", "train_time_s"), "{:.1f}"),
+        Column("samples_per_s", "samples/s", lambda r: _get(r, "time", "samples_per_s"), "{:.1f}"),
+        Column("tokens_per_s", "tokens/s", lambda r: _get(r, "time", "tokens_per_s"), "{:.0f}"),
+        Column("cell_wall_s", "cell wall time (s)", lambda r: r.get("cell_wall_s"), "{:.1f}", markdown=False),
+        Column("size_mb", "saved size (MB)", lambda r: _mb(_get(r, "size", "model_dir_bytes")), "{:.2f}"),
+        Column("best_epoch", "best epoch", lambda r: r.get("best_epoch"), "{:.1f}"),
+    ]
+    return cols
+
+
+def format_stat(s: Stat, fmt: str) -> str:
+    if s.mean is None:
+        return "–"
+    text = fmt.format(s.mean)
+    if s.std is not None:
+        text += " ± " + fmt.format(s.std)
+    return text
+
+
+# ------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class Row:
+    config: str
+    records: list[dict]
+    planned: int
+    stats: dict[str, Stat] = field(default_factory=dict)
+    others: list[dict] = field(default_factory=list)  # failed records and plan entries (identity only)
+
+    def first(self, key: str) -> Any:
+        for r in self.records + self.others:
+            if r.get(key) is not None:
+                return r.get(key)
+        return None
+
+
+@dataclass
+class Summary:
+    title: str
+    profile: Optional[str]
+    description: Optional[str]
+    command: Optional[str]
+    metric: Optional[str]
+    rows: list[Row]
+    columns: list[Column]
+    ok: list[dict]
+    failed: list[dict]
+    missing: list[dict]
+    changed: list[dict]
+    ignored: list[dict]
+    planned: Optional[int]
+
+
+def load_records(path: Union[str, os.PathLike]) -> list[dict]:
+    from .bench import read_records
+
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"{path}: results file not found")
+    return read_records(path)
+
+
+def summarize(records: list[dict], plan: Optional[dict] = None) -> Summary:
+    ignored, changed, missing = [], [], []
+    if plan is not None:
+        planned = {c["cell"]: c for c in plan.get("cells", [])}
+        ignored = [r for r in records if r["cell"] not in planned]
+        records = [r for r in records if r["cell"] in planned]
+        changed = [r for r in records if r.get("recipe_hash") != planned[r["cell"]].get("recipe_hash")]
+        missing = [c for c in plan["cells"] if c["cell"] not in {r["cell"] for r in records}]
+        order: dict[str, int] = {}
+        for i, c in enumerate(plan["cells"]):
+            order.setdefault(c["config"], i)
+        n_planned = {cfg: sum(1 for c in plan["cells"] if c["config"] == cfg) for cfg in order}
+    else:
+        order, n_planned = {}, {}
+        for r in records:
+            order.setdefault(r["config"], len(order))
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    metrics = [r.get("metric") for r in ok if r.get("metric")]
+    metric = max(set(metrics), key=lambda m: (metrics.count(m), m)) if metrics else None
+    cols = columns_for(ok, metric)
+    configs = sorted({r["config"] for r in records} | set(n_planned), key=lambda c: (order.get(c, 10**9), c))
+    rows = []
+    for cfg in configs:
+        recs = sorted([r for r in ok if r["config"] == cfg], key=lambda r: r.get("seed", 0))
+        row = Row(cfg, recs, n_planned.get(cfg, len([r for r in records if r["config"] == cfg])))
+        row.others = [r for r in failed if r["config"] == cfg]
+        row.others += [c for c in (plan or {}).get("cells", []) if c["config"] == cfg]
+        for c in cols:
+            row.stats[c.key] = Stat.of([c.get(r) for r in recs])
+        rows.append(row)
+    title = (plan or {}).get("spec") or (records[0].get("spec") if records else "benchmark")
+    profile = (plan or {}).get("profile") or (records[0].get("profile") if records else None)
+    command = (plan or {}).get("command") or (records[0].get("bench_command") if records else None)
+    return Summary(title, profile, (plan or {}).get("description"), command, metric, rows, cols, ok, failed,
+                   missing, changed, ignored, len(plan["cells"]) if plan else None)
+
+
+# -------------------------------------------------------------------------------------- output
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _short_backbone(name: Optional[str]) -> str:
+    return Path(str(name)).name if name else "–"
+
+
+def _method_text(row: Row) -> str:
+    method = row.first("method") or "?"
+    if row.first("kind") == "baseline":
+        method += " (Trainer)"
+    return method
+
+
+def comparisons(summary: Summary) -> list[dict]:
+    by_name = {r.config: r for r in summary.rows}
+    out = []
+    m = summary.metric
+    for row in summary.rows:
+        target = row.first("compare_to")
+        if not target or target not in by_name:
+            continue
+        ours = by_name[target]
+
+        def ratio(key: str) -> Optional[float]:
+            a, b = ours.stats.get(key), row.stats.get(key)
+            if a is None or b is None or a.mean is None or not b.mean:
+                return None
+            return a.mean / b.mean
+
+        a, b = ours.stats.get(f"test_{m}"), row.stats.get(f"test_{m}")
+        diff = a.mean - b.mean if a and b and a.mean is not None and b.mean is not None else None
+        out.append({
+            "baseline": row.config, "peftlab": ours.config,
+            "samples_per_s_ratio": ratio("samples_per_s"), "tokens_per_s_ratio": ratio("tokens_per_s"),
+            "peak_rss_ratio": ratio("peak_rss_mb"), "train_time_ratio": ratio("train_time_s"),
+            f"test_{m}_peftlab": a.mean if a else None, f"test_{m}_baseline": b.mean if b else None,
+            f"test_{m}_diff": diff,
+        })
+    return out
+
+
+def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str]) -> str:
+    s = summary
+    lines = [f"# Benchmark report: {s.title}" + (f" ({s.profile} profile)" if s.profile else ""), ""]
+    if s.description:
+        lines += [s.description.strip(), ""]
+    if s.command:
+        lines += [f"**Reproduce** (from the repository root): `{s.command}`. It skips the cells already in "
+                  f"`{records_path.name}` and rewrites this report; `peftlab report {records_path}` rewrites "
+                  f"only the report.", ""]
+    machines: dict[str, int] = {}
+    from .bench import machine_summary
+
+    for r in s.ok + s.failed:
+        if r.get("machine"):
+            key = machine_summary(r["machine"])
+            machines[key] = machines.get(key, 0) + 1
+    if len(machines) == 1:
+        lines.append(f"**Machine:** {next(iter(machines))}.")
+    elif machines:
+        lines.append("**Machines:** " + "; ".join(f"{m} ({n} cells)" for m, n in sorted(machines.items())) + ".")
+    vers: dict[str, set] = {}
+    commits: set = set()
+    for r in s.ok:
+        for k, v in (r.get("versions") or {}).items():
+            vers.setdefault(k, set()).add(str(v))
+        g = r.get("git") or {}
+        if g.get("commit"):
+            commits.add(g["commit"][:10] + (" (uncommitted changes)" if g.get("dirty") else ""))
+    if vers:
+        lines.append("**Versions:** " + ", ".join(f"{k} {' / '.join(sorted(v))}" for k, v in vers.items()) + ".")
+    if commits:
+        lines.append("**Git commit:** " + ", ".join(sorted(commits)) + ".")
+    planned = s.planned if s.planned is not None else len(s.ok) + len(s.failed)
+    complete = not s.missing and not s.failed and not s.changed
+    state = "complete" if complete else "**PARTIAL**"
+    lines.append(f"**Cells:** {planned} planned, {len(s.ok)} ok, {len(s.failed)} failed, {len(s.missing)} missing "
+                 f"({state}).")
+    lines += ["", f"Every number is computed from `{records_path.name}` (one JSON record per cell). Values are the "
+              "mean ± sample standard deviation (n−1) over the seeds that finished; `seeds` = finished/planned. "
+              "Each cell ran in its own process: peak RSS is that process's maximum resident memory "
+              "(`getrusage`), model-load RSS is the resident memory right after the model was built; train time "
+              "excludes evaluation; throughput counts training samples and non-padding tokens; saved size is the "
+              "run's `model/` folder.", ""]
+
+    md_cols = [c for c in s.columns if c.markdown]
+    head = ["configuration", "method", "quant.", "seeds"] + [c.header for c in md_cols]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["--:"] * (len(head) - 3)) + "|")
+    for row in s.rows:
+        cells = [_md_escape(row.config), _md_escape(_method_text(row)), _md_escape(row.first("quantization") or "none"),
+                 f"{len(row.records)}/{row.planned}"]
+        cells += [format_stat(row.stats[c.key], c.fmt) for c in md_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    backbones = sorted({_short_backbone(r.get("backbone")) for r in s.ok})
+    if backbones:
+        lines += [f"Backbone: {', '.join(backbones)}. Method options are in `report.csv` and in the records.", ""]
+
+    comps = comparisons(s)
+    if comps:
+        m = s.metric
+        lines += ["## peftlab vs a plain transformers Trainer script", "",
+                  "The baseline is `benchmarks/baselines/trainer_baseline.py`: transformers `Trainer` (+ peft for "
+                  "LoRA) on the same recipe (backbone, data, hyperparameters, seeds), written the way the "
+                  "transformers docs teach it. Ratios are peftlab / Trainer (throughput > 1: peftlab is faster); "
+                  "the difference is peftlab − Trainer.", "",
+                  f"| peftlab | Trainer baseline | samples/s ratio | tokens/s ratio | peak RSS ratio | test {m} "
+                  f"peftlab | test {m} Trainer | difference |",
+                  "|---|---|--:|--:|--:|--:|--:|--:|"]
+
+        def f(v: Optional[float], fmt: str) -> str:
+            return "–" if v is None else fmt.format(v)
+
+        for c in comps:
+            lines.append(f"| {c['peftlab']} | {c['baseline']} | {f(c['samples_per_s_ratio'], '{:.2f}')} | "
+                         f"{f(c['tokens_per_s_ratio'], '{:.2f}')} | {f(c['peak_rss_ratio'], '{:.2f}')} | "
+                         f"{f(c[f'test_{m}_peftlab'], '{:.4f}')} | {f(c[f'test_{m}_baseline'], '{:.4f}')} | "
+                         f"{f(c[f'test_{m}_diff'], '{:+.4f}')} |")
+        lines.append("")
+
+    cross = [(_get(r, "memory", "peak_rss_bytes"), _get(r, "memory", "parent_peak_rss_bytes")) for r in s.ok]
+    cross = [(a, b) for a, b in cross if a and b]
+    if cross:
+        worst = max(abs(a - b) / b for a, b in cross)
+        lines += [f"Peak RSS cross-check: the bench measured each cell's process from outside (`wait4`); it "
+                  f"differs from what the run reported by at most {100 * worst:.1f}% over {len(cross)} cells.", ""]
+
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, name in plots.items():
+            lines += [f"![{caption}]({name})", ""]
+
+    if s.failed:
+        lines += ["## Failed cells", "", "| cell | error |", "|---|---|"]
+        for r in s.failed:
+            lines.append(f"| {_md_escape(r['cell'])} | {_md_escape(r.get('error') or '?')} |")
+        lines.append("")
+    if s.missing:
+        lines += ["## Missing cells (not run yet)", "",
+                  ", ".join(f"`{c['cell']}`" for c in s.missing), ""]
+    if s.changed:
+        lines += ["## Cells recorded with an older recipe", "",
+                  "Their recipe or overrides differ from what the spec gives now; re-run the bench to replace them: "
+                  + ", ".join(f"`{r['cell']}`" for r in s.changed), ""]
+    if s.ignored:
+        lines += [f"{len(s.ignored)} record(s) in `{records_path.name}` belong to cells no longer in the spec and "
+                  f"are not reported.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_csv(summary: Summary) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["config", "kind", "method", "method_options", "quantization", "backbone", "task", "metric",
+            "compare_to", "seeds_ok", "seeds_planned", "seeds"]
+    for c in summary.columns:
+        head += [f"{c.key}_mean", f"{c.key}_std", f"{c.key}_n"]
+    w.writerow(head)
+    for row in summary.rows:
+        opts = row.first("method_options")
+        out = [row.config, row.first("kind") or "", row.first("method") or "",
+               json.dumps(opts, sort_keys=True) if opts is not None else "", row.first("quantization") or "",
+               row.first("backbone") or "", row.first("task") or "", row.first("metric") or "",
+               row.first("compare_to") or "", len(row.records), row.planned,
+               " ".join(str(r.get("seed")) for r in row.records)]
+        for c in summary.columns:
+            st = row.stats[c.key]
+            out += ["" if st.mean is None else repr(st.mean), "" if st.std is None else repr(st.std), st.n]
+        w.writerow(out)
+    return buf.getvalue()
+
+
+def render_comparison_csv(summary: Summary) -> Optional[str]:
+    comps = comparisons(summary)
+    if not comps:
+        return None
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(comps[0]), lineterminator="\n")
+    w.writeheader()
+    for c in comps:
+        w.writerow({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in c.items()})
+    return buf.getvalue()
+
+
+def _plot(summary: Summary, x_key: str, x_label: str, log_x: bool, title: str) -> Optional[bytes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = summary.metric
+    pts = []
+    for row in summary.rows:
+        y = row.stats.get(f"test_{m}")
+        x = row.stats.get(x_key)
+        if y is None or x is None or y.mean is None or x.mean is None or (log_x and x.mean <= 0):
+            continue
+        pts.append((row, x, y))
+    if not pts:
+        return None
+    fig = Figure(figsize=(8, 5.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for row, x, y in pts:
+        baseline = row.first("kind") == "baseline"
+        ax.errorbar(x.mean, y.mean, yerr=y.std or 0.0, xerr=(x.std or 0.0) if not log_x else None,
+                    fmt="s" if baseline else "o", capsize=4, markersize=7,
+                    markerfacecolor="none" if baseline else None)
+        ax.annotate(row.config, (x.mean, y.mean), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"test {m} (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def write_report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
+    """Write report.md, report.csv (+ baseline_comparison.csv) and the plots; returns their paths."""
+    results = Path(results)
+    records = load_records(results)
+    if not records:
+        raise PeftlabError(f"{results}: no complete records")
+    out = Path(out_dir) if out_dir else results.parent
+    plan = None
+    plan_path = results.parent / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    summary = summarize(records, plan)
+    paths: dict[str, Optional[Path]] = {}
+    plots: dict[str, str] = {}
+    m = summary.metric
+    if m:
+        gpu = "gpu_max_allocated_mb" in {c.key for c in summary.columns}
+        mem_key = "gpu_max_allocated_mb" if gpu else "peak_rss_mb"
+        mem_label = "GPU max allocated (MB)" if gpu else "peak RSS of the run's process (MB)"
+        for name, key, label, log_x, caption in (
+            (f"test_{m}_vs_trainable_params.png", "trainable_params", "trainable parameters (log scale)", True,
+             f"test {m} vs trainable parameters"),
+            (f"test_{m}_vs_peak_memory.png", mem_key, mem_label, False, f"test {m} vs peak memory"),
+        ):
+            png = _plot(summary, key, label, log_x, f"{summary.title}: {caption}")
+            if png is not None:
+                paths[name] = write_bytes(out / name, png)
+                plots[caption] = name
+    paths["csv"] = write_text(out / "report.csv", render_csv(summary))
+    comp = render_comparison_csv(summary)
+    if comp is not None:
+        paths["comparison_csv"] = write_text(out / "baseline_comparison.csv", comp)
+    paths["markdown"] = write_text(out / "report.md", render_markdown(summary, results, plots))
+    return {k: str(v) for k, v in paths.items()}

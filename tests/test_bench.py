@@ -1,0 +1,332 @@
+"""The benchmark harness: one process per cell, JSONL records, resumability, report computed from records.
+
+One small bench on the tiny random BERT (2 optimizer steps per cell, 96/48/48-sentence WNUT slices)
+is run once per module and inspected by several tests. Its cells: ``head`` (2 seeds), ``lora``,
+``ballast`` (a third-party method plugin that holds a 500 MiB tensor), ``broken`` (an unknown method)
+and ``baseline-trainer-lora`` (the plain transformers Trainer script, compared with ``lora``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, ner_recipe
+from peftlab.bench import plan_bench, read_records, run_bench
+from peftlab.errors import PeftlabError
+from peftlab.report import write_report
+
+BASELINE = ROOT / "benchmarks" / "baselines" / "trainer_baseline.py"
+MIB = 2**20
+BALLAST_MIB = 500
+
+PLUGIN = f'''
+import torch
+from peftlab.methods import register_method
+from peftlab.methods.head import HeadOnly
+
+
+class Ballast(HeadOnly):
+    """``head`` that also holds a {BALLAST_MIB} MiB tensor while it trains (for the peak-memory test)."""
+    name = "ballast"
+
+    def apply(self, model, ctx):
+        self.ballast = torch.ones({BALLAST_MIB} * 2**20 // 4, dtype=torch.float32)
+        return super().apply(model, ctx)
+'''
+
+
+def write_plugin(folder: Path) -> Path:
+    """A method plugin registered the way third-party packages do it: an entry point in a dist-info."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ballast_plugin.py").write_text(PLUGIN)
+    dist = folder / "ballast_plugin-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ballast-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[peftlab.methods]\nballast = ballast_plugin:Ballast\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, tiny_bert, wnut_small):
+    root = tmp_path_factory.mktemp("bench")
+    recipe = ner_recipe(tiny_bert, wnut_small, root / "unused", {"name": "head"}, lr=5e-3, eval_batch_size=48)
+    recipe_path = root / "tiny_ner.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    plugins = write_plugin(root / "plugins")
+    lora = {"name": "lora", "r": 4, "alpha": 8}
+    spec = {
+        "name": "tiny",
+        "description": "tiny random BERT on WNUT-17 slices (test)",
+        "recipe": str(recipe_path),
+        "seeds": [1, 2, 3],
+        "methods": [
+            {"name": "head", "method": {"name": "head"}, "seeds": [1, 2]},
+            {"name": "lora", "method": lora},
+            {"name": "ballast", "method": {"name": "ballast"}, "env": {"PYTHONPATH": str(plugins)}},
+            {"name": "broken", "method": {"name": "no_such_method"}},
+            {"name": "baseline-trainer-lora", "method": lora, "script": str(BASELINE), "compare_to": "lora"},
+        ],
+        "quick": {"seeds": [1], "overrides": ["train.max_steps=2"]},
+    }
+    spec_path = root / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    results, work = root / "results", root / "work"
+    log = root / "bench.log"
+    with open(log, "w") as fh:
+        summary = run_bench(spec_path, quick=True, results_dir=results, work_dir=work, out=fh)
+    return {"spec": spec_path, "results": results, "work": work, "summary": summary, "log": log}
+
+
+def records_by_cell(results: Path) -> dict:
+    return {r["cell"]: r for r in read_records(results / "results.jsonl")}
+
+
+def test_quick_bench_writes_records_and_report(bench):
+    s = bench["summary"]
+    expected = {"head-s1", "head-s2", "lora-s1", "ballast-s1", "broken-s1", "baseline-trainer-lora-s1"}
+    assert set(s.ran) == expected, bench["log"].read_text()
+    recs = records_by_cell(bench["results"])
+    assert set(recs) == expected
+    ok = [r for r in recs.values() if r["status"] == "ok"]
+    assert len(ok) == 5, {c: r.get("error") for c, r in recs.items()}
+    for r in ok:
+        assert r["profile"] == "quick" and r["spec_hash"] and r["recipe_hash"] and r["resolved_recipe_hash"]
+        assert r["steps"] == 2 and r["best_epoch"] == 1
+        assert r["params"]["trainable_params"] > 0 and r["params"]["total_params"] > r["params"]["trainable_params"]
+        assert r["params"]["trainable_head_params"] > 0
+        assert r["memory"]["peak_rss_bytes"] > 100 * MIB and r["memory"]["parent_peak_rss_bytes"] > 100 * MIB
+        assert r["memory"]["load_rss_bytes"] > 0
+        assert r["time"]["samples_per_s"] > 0 and r["time"]["tokens_per_s"] > 0 and r["time"]["train_time_s"] > 0
+        assert {"f1", "precision", "recall", "accuracy"} <= set(r["test"]) and "f1" in r["dev"]
+        assert r["size"]["model_dir_bytes"] > 0
+        assert set(r["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+        assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
+        assert "git" in r and "commit" in r["git"]
+        assert "train.seed=1" in r["overrides"] or "train.seed=2" in r["overrides"]
+    assert recs["lora-s1"]["method"] == "lora" and recs["lora-s1"]["method_options"]["r"] == 4
+    assert recs["baseline-trainer-lora-s1"]["kind"] == "baseline"
+    # the baseline trains the same LoRA: same trainable backbone parameter count as peftlab's LoRA
+    assert (recs["baseline-trainer-lora-s1"]["params"]["trainable_params_without_head"]
+            == recs["lora-s1"]["params"]["trainable_params_without_head"])
+    # the JSONL has only whole lines, one record each
+    text = (bench["results"] / "results.jsonl").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 6
+    for name in ("report.md", "report.csv", "baseline_comparison.csv", "plan.json",
+                 "test_f1_vs_trainable_params.png", "test_f1_vs_peak_memory.png"):
+        assert (bench["results"] / name).is_file(), name
+    for png in bench["results"].glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # cell work folders live in the work folder, not in the results folder
+    assert (bench["work"] / "cells" / "head-s1" / "run" / "metrics.json").is_file()
+    assert not list(bench["results"].rglob("metrics.json"))
+
+
+def test_failing_cell_is_recorded_with_its_error(bench):
+    rec = records_by_cell(bench["results"])["broken-s1"]
+    assert rec["status"] == "failed" and rec["returncode"] == 2
+    assert rec["error"].startswith("peftlab: error:") and "no_such_method" in rec["error"]
+    md = (bench["results"] / "report.md").read_text()
+    assert "## Failed cells" in md and "no_such_method" in md and "PARTIAL" in md
+
+
+def test_peak_memory_is_per_process(bench):
+    recs = records_by_cell(bench["results"])
+    big, small = recs["ballast-s1"]["memory"], recs["head-s1"]["memory"]
+    for key in ("peak_rss_bytes", "parent_peak_rss_bytes"):
+        assert big[key] - small[key] > 0.8 * BALLAST_MIB * MIB, (key, big[key], small[key])
+    # the head cell that ran after the ballast cell does not inherit its peak
+    later = recs["baseline-trainer-lora-s1"]["memory"]
+    assert later["parent_peak_rss_bytes"] < big["parent_peak_rss_bytes"] - 0.5 * BALLAST_MIB * MIB
+    for r in recs.values():
+        m = r.get("memory")
+        if m:  # the run's own getrusage and the parent's wait4 agree
+            assert abs(m["peak_rss_bytes"] - m["parent_peak_rss_bytes"]) < 0.1 * m["parent_peak_rss_bytes"]
+
+
+def _recomputed(recs: list[dict], get) -> tuple:
+    vals = [get(r) for r in recs]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+CHECKS = {  # csv key -> (markdown header, how to read the value from a record)
+    "test_f1": ("test f1", lambda r: r["test"]["f1"]),
+    "test_accuracy": ("test accuracy", lambda r: r["test"]["accuracy"]),
+    "dev_f1": ("dev f1", lambda r: r["dev"]["f1"]),
+    "trainable_params": ("trainable params", lambda r: r["params"]["trainable_params"]),
+    "trainable_pct": ("trainable %", lambda r: r["params"]["trainable_pct"]),
+    "peak_rss_mb": ("peak RSS (MB)", lambda r: r["memory"]["peak_rss_bytes"] / MIB),
+    "train_time_s": ("train time (s)", lambda r: r["time"]["train_time_s"]),
+    "samples_per_s": ("samples/s", lambda r: r["time"]["samples_per_s"]),
+    "tokens_per_s": ("tokens/s", lambda r: r["time"]["tokens_per_s"]),
+    "size_mb": ("saved size (MB)", lambda r: r["size"]["model_dir_bytes"] / MIB),
+}
+
+
+def parse_markdown_table(md: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln for ln in md.splitlines() if ln.startswith("| configuration")]
+    start = md.splitlines().index(lines[0])
+    rows = []
+    for ln in md.splitlines()[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return [c.strip() for c in lines[0].strip("|").split("|")], rows
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _decimals(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def test_report_numbers_are_computed_from_the_jsonl(bench):
+    recs = [r for r in read_records(bench["results"] / "results.jsonl") if r["status"] == "ok"]
+    by_config: dict[str, list] = {}
+    for r in recs:
+        by_config.setdefault(r["config"], []).append(r)
+    assert len(by_config["head"]) == 2  # mean ± std over two seeds
+
+    with open(bench["results"] / "report.csv", newline="") as fh:
+        rows = {row["config"]: row for row in csv.DictReader(fh)}
+    assert set(rows) == {"head", "lora", "ballast", "broken", "baseline-trainer-lora"}
+    assert rows["broken"]["seeds_ok"] == "0" and rows["head"]["seeds_ok"] == "2"
+    headers, md_rows = parse_markdown_table((bench["results"] / "report.md").read_text())
+    md = {row[0]: dict(zip(headers, row)) for row in md_rows}
+    assert list(md) == ["head", "lora", "ballast", "broken", "baseline-trainer-lora"]  # spec order
+    assert md["head"]["seeds"] == "2/2" and md["broken"]["seeds"] == "0/1"
+
+    for config, group in by_config.items():
+        for key, (header, get) in CHECKS.items():
+            mean, std, n = _recomputed(group, get)
+            assert float(rows[config][f"{key}_mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-12), (config, key)
+            assert int(rows[config][f"{key}_n"]) == n
+            if std is None:
+                assert rows[config][f"{key}_std"] == ""
+            else:
+                assert float(rows[config][f"{key}_std"]) == pytest.approx(std, rel=1e-9, abs=1e-12), (config, key)
+            shown = md[config][header]
+            parts = [p.strip() for p in shown.split("±")]
+            assert len(parts) == (2 if std is not None else 1), (config, header, shown)
+            for text, value in zip(parts, (mean, std)):
+                assert abs(_number(text) - value) <= 0.5 * 10 ** -_decimals(text) + 1e-12, (config, header, shown, value)
+
+
+def test_report_header_and_baseline_comparison(bench):
+    md = (bench["results"] / "report.md").read_text()
+    spec = bench["spec"]
+    assert f"`peftlab bench {spec} --quick --results {bench['results']} --work {bench['work']}`" in md
+    assert re.search(r"\*\*Machine:\*\* .+ \(\d+ cores", md)
+    assert "**Versions:** " in md and "torch " in md and "bitsandbytes " in md
+    assert "Cells:** 6 planned, 5 ok, 1 failed, 0 missing" in md
+    recs = records_by_cell(bench["results"])
+    ours, base = recs["lora-s1"], recs["baseline-trainer-lora-s1"]
+    with open(bench["results"] / "baseline_comparison.csv", newline="") as fh:
+        (comp,) = list(csv.DictReader(fh))
+    assert comp["peftlab"] == "lora" and comp["baseline"] == "baseline-trainer-lora"
+    assert float(comp["samples_per_s_ratio"]) == pytest.approx(
+        ours["time"]["samples_per_s"] / base["time"]["samples_per_s"], rel=1e-12)
+    assert float(comp["test_f1_diff"]) == pytest.approx(ours["test"]["f1"] - base["test"]["f1"], abs=1e-12)
+    assert "## peftlab vs a plain transformers Trainer script" in md
+
+
+def _snapshot(bench) -> dict:
+    return {p.name: p.read_bytes() for p in bench["results"].iterdir() if p.name != "results.jsonl"}
+
+
+def _log_mtimes(bench) -> dict:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (bench["work"] / "cells").glob("*/stdout.log")}
+
+
+def test_rerun_does_no_training_and_reproduces_the_report(bench, tmp_path):
+    before, mtimes = _snapshot(bench), _log_mtimes(bench)
+    with open(tmp_path / "log", "w") as fh:
+        again = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"],
+                          skip_failed=True, out=fh)
+    assert again.ran == [] and again.harvested == []
+    assert _log_mtimes(bench) == mtimes  # no cell process started
+    assert _snapshot(bench) == before  # the same report, byte for byte (PNGs included)
+    # `peftlab report` alone writes the same files
+    from peftlab.cli import main
+
+    out = tmp_path / "report"
+    assert main(["report", str(bench["results"] / "results.jsonl"), "--out", str(out)]) == 0
+    for name in ("report.md", "report.csv", "test_f1_vs_trainable_params.png"):
+        assert (out / name).read_bytes() == before[name], name
+    # without --skip-failed the failed cell (and only it) is tried again
+    with open(tmp_path / "log2", "w") as fh:
+        retry = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"], out=fh)
+    assert retry.ran == ["broken-s1"] and retry.failed == ["broken-s1"]
+    assert {k: v for k, v in _log_mtimes(bench).items() if k != "broken-s1"} == {
+        k: v for k, v in mtimes.items() if k != "broken-s1"}
+    assert _snapshot(bench)["report.md"] == before["report.md"]
+
+
+def test_interrupted_bench_runs_only_the_missing_cells(bench, tmp_path):
+    jsonl = bench["results"] / "results.jsonl"
+    recs = read_records(jsonl)
+    cells = bench["work"] / "cells"
+    # the bench was killed: head-s2 mid-run (no metrics.json, no record) and right after lora-s1
+    # finished (complete run folder, no record); plus a half-written line at the end of the file
+    kept = [r for r in recs if r["cell"] not in ("head-s2", "lora-s1")]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"cell": "head-s2", "status": "o')
+    (cells / "head-s2" / "run" / "metrics.json").unlink()
+    mtimes = _log_mtimes(bench)
+    with open(tmp_path / "log", "w") as fh:
+        summary = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"],
+                            skip_failed=True, out=fh)
+    assert summary.ran == ["head-s2"], (tmp_path / "log").read_text()
+    assert summary.harvested == ["lora-s1"]
+    after = _log_mtimes(bench)
+    assert after["head-s2"] > mtimes["head-s2"]
+    assert {k: v for k, v in after.items() if k != "head-s2"} == {k: v for k, v in mtimes.items() if k != "head-s2"}
+    new = records_by_cell(bench["results"])
+    assert set(new) == {r["cell"] for r in recs} and new["head-s2"]["status"] == "ok"
+    assert new["lora-s1"]["harvested"]
+    assert new["lora-s1"]["test"] == next(r for r in recs if r["cell"] == "lora-s1")["test"]
+    assert jsonl.read_text().endswith("}\n")  # the half line is gone: the file is rewritten whole
+    # the same seed on the same machine trains to the same numbers
+    old = next(r for r in recs if r["cell"] == "head-s2")
+    assert new["head-s2"]["test"]["f1"] == pytest.approx(old["test"]["f1"], abs=1e-9)
+
+
+def test_real_specs_plan(tmp_path):
+    for name, n_configs in (("wnut17_minilm", 11), ("banking77_minilm", 11)):
+        spec = ROOT / "benchmarks" / f"{name}.yaml"
+        full = plan_bench(spec)
+        quick = plan_bench(spec, quick=True)
+        assert len({c.config for c in full.cells}) == n_configs
+        assert len(full.cells) == 3 * n_configs and sorted({c.seed for c in full.cells}) == [42, 43, 44]
+        assert len(quick.cells) == n_configs and all(any(o.startswith("train.max_steps=") for o in c.overrides)
+                                                     for c in quick.cells)
+        assert full.results_dir == spec.parent / "results" / name
+        assert quick.results_dir.parts[-3:] == ("work", f"{name}-quick", "results")
+        assert full.spec_hash != quick.spec_hash
+        assert {c.kind for c in full.cells} == {"peftlab", "baseline"}
+        assert all(c.compare_to for c in full.cells if c.kind == "baseline")
+    banking = plan_bench(ROOT / "benchmarks" / "banking77_minilm.yaml")
+    assert all("data.max_train_samples=3000" in c.overrides for c in banking.cells)
+
+
+def test_spec_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: r.yaml\nmethods:\n  - name: lora\n    overides: [train.lr=1]\n")
+    with pytest.raises(PeftlabError, match=r"bad.yaml:4: methods.0.overides: unknown key \(did you mean 'overrides'\?\)"):
+        plan_bench(bad)
+    bad.write_text("methods:\n  - {name: a, recipe: r.yaml}\n  - {name: a, recipe: r.yaml}\n")
+    with pytest.raises(PeftlabError, match="configuration name 'a' is used twice"):
+        plan_bench(bad)
+    bad.write_text("methods:\n  - {name: a, recipe: r.yaml}\n")
+    with pytest.raises(PeftlabError, match="--quick needs a `quick:` section"):
+        plan_bench(bad, quick=True)
+    # a missing recipe is the cell's problem (recorded as failed without starting a process)
+    plan = plan_bench(bad)
+    assert "recipe file not found" in plan.cells[0].problem
