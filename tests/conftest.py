@@ -120,3 +120,56 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "peftlab.cli", *args], cwd=cwd or ROOT, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+# ------------------------------------------------------------------- tiny decoder (causal_lm tests)
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 Llama (tied embeddings) with a 512-token byte-level BPE trained on
+    BANKING77 texts, SmolLM2's special tokens and a ChatML chat template; safetensors."""
+    import csv
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    with open(BANKING / "train.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    texts = [r["text"] for r in rows[:3000]] + sorted({r["category"].replace("_", " ") for r in rows})
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts + ["Query: Intent: yes no"], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def gen_recipe(backbone: str, files: dict, out: Path, method: dict, **train) -> dict:
+    """A causal_lm recipe over BANKING77-style CSV files (text, category)."""
+    r = ner_recipe(backbone, files, out, method, **train)
+    r["task"] = "causal_lm"
+    r["data"] = {**files, "validation_split": 0.2, "prompt_template": "Query: {text}\nIntent:",
+                 "completion_template": " {category:words}", "max_new_tokens": 6, "max_length": 96}
+    return r
