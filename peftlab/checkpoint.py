@@ -5,16 +5,23 @@ A checkpoint folder ``checkpoints/step-000123`` holds:
 * ``trainable.safetensors``: the trainable parameters (by name) of the unwrapped model;
 * ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments and param groups;
 * ``rng.safetensors``: the torch CPU (and CUDA) RNG state of every rank;
+* ``best.safetensors``: the trainable parameters of the best evaluation so far (a hard link to
+  ``checkpoints/best/trainable.safetensors`` when the filesystem allows it), so that a resumed run
+  restores the best model that belongs to this point of training, never one from a later step of
+  the interrupted run;
 * ``state.json``: step, epoch, batches consumed in that epoch, best metric so far, history,
   and the scheduler state. It is written last: a folder without it is incomplete.
 
 Folders are written with :func:`peftlab.atomicio.atomic_dir`, so a checkpoint either exists complete or
-not at all; ``latest_checkpoint`` also ignores any folder that lacks ``state.json``.
+not at all; ``latest_checkpoint`` also ignores any folder that lacks ``state.json``, and
+:func:`load_latest_checkpoint` falls back to the previous checkpoint when the newest cannot be read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +33,10 @@ from safetensors.torch import load_file, save_file
 from .atomicio import atomic_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+BEST_FILE = "best.safetensors"
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
+
+log = logging.getLogger("peftlab")
 
 
 def optimizer_to_tensors(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,16 +86,30 @@ def save_checkpoint(
     optimizer: Any,
     rng: dict[str, torch.Tensor],
     state: dict,
+    best_file: Optional[Path] = None,
 ) -> Path:
-    """Write one complete checkpoint atomically (called on rank 0 only)."""
+    """Write one complete checkpoint atomically (called on rank 0 only).
+
+    ``best_file``: the best model's trainable state so far, kept with the checkpoint (hard link).
+    """
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
         save_file(rng, str(tmp / "rng.safetensors"))
+        if best_file is not None and Path(best_file).is_file():
+            link_or_copy(Path(best_file), tmp / BEST_FILE)
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
     return folder
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (files written by atomic_dir are never modified in place), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -111,6 +136,7 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:
+    best = folder / BEST_FILE
     return {
         "trainable": load_file(str(folder / "trainable.safetensors")),
         "optimizer": optimizer_from_tensors(
@@ -119,4 +145,27 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
         ),
         "rng": load_file(str(folder / "rng.safetensors")),
         "state": json.loads((folder / "state.json").read_text(encoding="utf-8")),
+        "best": load_file(str(best)) if best.is_file() else None,
     }
+
+
+def load_latest_checkpoint(checkpoints_dir: Path) -> tuple[Optional[Path], Optional[dict], list[str]]:
+    """The newest checkpoint that loads completely: (folder, content, problems with newer ones).
+
+    A checkpoint that cannot be read (a truncated file after a full disk, a filesystem that does
+    not honour rename atomicity) is skipped with a warning and the previous one is used.
+    """
+    problems: list[str] = []
+    for folder in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            ckpt = load_checkpoint(folder)
+            for key in ("step", "epoch", "batches_done", "scheduler"):
+                if key not in ckpt["state"]:
+                    raise ValueError(f"state.json has no '{key}'")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            problems.append(f"{folder.name}: {type(exc).__name__}: {first}")
+            log.warning("resume: skipping unreadable checkpoint %s (%s)", folder, first)
+            continue
+        return folder, ckpt, problems
+    return None, None, problems

@@ -30,7 +30,7 @@ from .atomicio import atomic_dir, remove_stale_temporaries, write_json, write_te
 from .backbones import load_tokenizer
 from .checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     restore_rng,
     rng_tensors,
@@ -131,8 +131,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise PeftlabError("command line: --resume and --overwrite exclude each other")
     if resume:
+        if (run_dir / "metrics.json").is_file():
+            raise PeftlabError(
+                f"--resume: {run_dir} is a finished run (metrics.json exists), there is nothing to resume; "
+                f"pass --overwrite to train it again"
+            )
         if latest_checkpoint(run_dir / CHECKPOINTS_DIR) is None:
-            raise PeftlabError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}")
+            raise PeftlabError(
+                f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR} (the run stopped before its "
+                f"first one; set train.checkpoint_every to save more often); pass --overwrite to start again"
+            )
         return
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
         raise PeftlabError(
@@ -295,15 +303,23 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     }
     pending_rng = None
     if resume:
-        ckpt_path = latest_checkpoint(ckpt_dir)
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt_path, ckpt, problems = load_latest_checkpoint(ckpt_dir)
+        if ckpt_path is None or ckpt is None:
+            raise PeftlabError(f"--resume: no readable checkpoint in {ckpt_dir} ({'; '.join(problems)})")
         load_trainable_state(accelerator.unwrap_model(model), ckpt["trainable"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["state"].pop("scheduler"))
         state.update(ckpt["state"])
         pending_rng = ckpt["rng"]
-        log.info("resume: from %s (step %d, epoch %d, %d batches into it)",
-                 ckpt_path.name, state["step"], state["epoch"] + 1, state["batches_done"])
+        if main:  # the best model as it was at this checkpoint, not one from later in the interrupted run
+            if ckpt["best"] is not None:
+                _write_best(ckpt_dir / BEST_DIR, ckpt["best"], state, metric)
+            elif state["best"] is None:
+                shutil.rmtree(ckpt_dir / BEST_DIR, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        log.info("resume: from %s (step %d, epoch %d, %d batches into it)%s",
+                 ckpt_path.name, state["step"], state["epoch"] + 1, state["batches_done"],
+                 f"; skipped unreadable {', '.join(problems)}" if problems else "")
 
     if accelerator.trackers:
         accelerator.init_trackers("peftlab", config=_tracker_config(recipe))
@@ -314,12 +330,25 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     def trainable_state() -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in method.trainable_parameters(unwrapped()).items()}
 
+    def check_finite(what: str) -> None:
+        """Never save non-finite weights as a checkpoint or as the best model (same on every rank)."""
+        bad = [n for n, p in trainable.items() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            last = latest_checkpoint(ckpt_dir)
+            raise TrainingError(
+                f"train: weights became non-finite (nan/inf in {bad[0]}) at step {state['step']} "
+                f"(epoch {state['epoch'] + 1}); {what} not saved, training stopped. Last good checkpoint: "
+                f"{last or 'none yet'}. Lower train.lr or check the data"
+            )
+
     def checkpoint() -> None:
+        check_finite("checkpoint")
         rng = rng_tensors(accelerator)
         if main:
             folder = ckpt_dir / f"step-{state['step']:06d}"
             extra = {"scheduler": scheduler.state_dict(), "loss_pending": [float(loss_acc), loss_count]}
-            save_checkpoint(folder, trainable_state(), optimizer, rng, {**state, **extra})
+            save_checkpoint(folder, trainable_state(), optimizer, rng, {**state, **extra},
+                            best_file=ckpt_dir / BEST_DIR / "trainable.safetensors")
             prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -334,13 +363,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         entry = {"epoch": state["epoch"] + 1, "step": state["step"], **_scalar_metrics(metrics)}
         state["history"].append(entry)
         if improved:
+            check_finite("best model")
             state.update(best=value, best_step=state["step"], best_epoch=state["epoch"] + 1, bad_evals=0)
             if main:
-                from safetensors.torch import save_file
-
-                with atomic_dir(ckpt_dir / BEST_DIR) as tmp:
-                    save_file({k: v.cpu().contiguous() for k, v in trainable_state().items()}, str(tmp / "trainable.safetensors"))
-                    write_json(tmp / "best.json", {"step": state["step"], "epoch": state["epoch"] + 1, metric: value})
+                _write_best(ckpt_dir / BEST_DIR, trainable_state(), state, metric)
             accelerator.wait_for_everyone()
         else:
             state["bad_evals"] += 1
@@ -424,7 +450,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
                 stop = True
             if stop:
                 break
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+            # (at the epoch's last batch the end-of-epoch checkpoint below follows the evaluation)
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["batches_done"] < len(train_dl):
                 checkpoint()
             t_batch = time.perf_counter()
         if stop:
@@ -511,6 +538,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _write_best(folder: Path, tensors: dict[str, torch.Tensor], state: dict, metric: str) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        write_json(tmp / "best.json", {"step": state["best_step"], "epoch": state["best_epoch"], metric: state["best"]})
 
 
 def _stderr_handler() -> logging.Handler:
