@@ -787,7 +787,8 @@ def run_bench(
                 say(f"  FAILED: {rec.get('error')}")
         if todo:
             say(f"ran {len(summary.ran)} cell(s) in {_fmt_duration(time.time() - t_start)}"
-                f"{f', {len(summary.failed)} failed' if summary.failed else ''}")
+                f"{f', {len(summary.failed)} failed' if summary.failed else ''}"
+                f"{f'; recorded {len(summary.harvested)} finished run(s) without training' if summary.harvested else ''}")
     if report and jsonl.is_file():
         from .report import write_report
 
@@ -836,7 +837,8 @@ def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say) -
     with open(cell_dir / "stdout.log", mode, encoding="utf-8") as so, open(cell_dir / "stderr.log", mode, encoding="utf-8") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
-        status, rusage, timed_out = _wait(proc, cell.timeout_s)
+        status, rusage, timed_out = _wait(proc, cell.timeout_s, heartbeat=lambda el: say(
+            f"  ... {cell.id} running for {_fmt_duration(el)}: {_last_progress(cell_dir / 'stderr.log')}"))
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     parent_peak = int(rusage.ru_maxrss) * 1024 if rusage is not None else None
@@ -856,20 +858,41 @@ def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say) -
     return build_record(plan, cell, ctx, run_dir, status="ok", **common)
 
 
-def _wait(proc: subprocess.Popen, timeout: Optional[float]):
+def _last_progress(path: Path) -> str:
+    """The child's latest log or progress-bar line (for the heartbeat)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 4096))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    parts = [p.strip() for chunk in tail.splitlines() for p in chunk.split("\r") if p.strip()]
+    return parts[-1][:160] if parts else ""
+
+
+HEARTBEAT_S = 300.0
+
+
+def _wait(proc: subprocess.Popen, timeout: Optional[float], heartbeat=None):
     """Reap the child with wait4 (its own rusage: peak RSS of that process alone)."""
-    deadline = time.monotonic() + timeout if timeout else None
+    start = time.monotonic()
+    deadline = start + timeout if timeout else None
+    next_beat = start + HEARTBEAT_S
     timed_out = False
     try:
         while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 break
-            if deadline and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline and now > deadline:
                 timed_out = True
                 proc.kill()
-                deadline = None  # now wait blocking
-            time.sleep(0.2)
+                deadline = None
+            if heartbeat is not None and now >= next_beat:
+                heartbeat(now - start)
+                next_beat = now + HEARTBEAT_S
+            time.sleep(0.25)
     except BaseException:  # Ctrl-C: stop the child too; the cell stays unrecorded
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

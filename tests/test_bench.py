@@ -8,10 +8,15 @@ and ``baseline-trainer-lora`` (the plain transformers Trainer script, compared w
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,16 +275,57 @@ def test_rerun_does_no_training_and_reproduces_the_report(bench, tmp_path):
     assert _snapshot(bench)["report.md"] == before["report.md"]
 
 
-def test_interrupted_bench_runs_only_the_missing_cells(bench, tmp_path):
+def _train_children(pid: int) -> list[int]:
+    """Child processes of ``pid`` running `peftlab.cli train` (the bench's cell processes)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for kid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"\0train\0" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                        kids.append(int(kid))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_killed_bench_runs_only_the_missing_cells(bench, tmp_path):
     jsonl = bench["results"] / "results.jsonl"
     recs = read_records(jsonl)
-    cells = bench["work"] / "cells"
-    # the bench was killed: head-s2 mid-run (no metrics.json, no record) and right after lora-s1
-    # finished (complete run folder, no record); plus a half-written line at the end of the file
+    # as if the bench had died right after lora-s1 finished (run folder complete, no record yet), with
+    # a half-written line at the end of the file
     kept = [r for r in recs if r["cell"] not in ("head-s2", "lora-s1")]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"cell": "head-s2", "status": "o')
-    (cells / "head-s2" / "run" / "metrics.json").unlink()
+    (bench["work"] / "cells" / "head-s2" / "run" / "metrics.json").unlink()  # head-s2 must train again
     mtimes = _log_mtimes(bench)
+    # a real bench process is killed (SIGKILL) while head-s2 trains; its cell process dies with it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftlab.cli", "bench", str(bench["spec"]), "--quick", "--only", "head",
+         "--results", str(bench["results"]), "--work", str(bench["work"]), "--skip-failed"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"),
+    )
+    deadline = time.monotonic() + 300
+    kids: list[int] = []
+    while not kids and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        kids = _train_children(proc.pid)
+    assert kids, (tmp_path / "killed.log").read_text()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(k) for k in kids), "the cell process outlived the killed bench"
+    assert "head-s2" not in records_by_cell(bench["results"])
+    assert not (bench["work"] / "cells" / "head-s2" / "run" / "metrics.json").exists()
+
     with open(tmp_path / "log", "w") as fh:
         summary = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"],
                             skip_failed=True, out=fh)
@@ -296,6 +342,23 @@ def test_interrupted_bench_runs_only_the_missing_cells(bench, tmp_path):
     # the same seed on the same machine trains to the same numbers
     old = next(r for r in recs if r["cell"] == "head-s2")
     assert new["head-s2"]["test"]["f1"] == pytest.approx(old["test"]["f1"], abs=1e-9)
+
+
+def test_gpu_memory_columns_when_records_have_them(bench, tmp_path):
+    """Records of GPU runs carry torch.cuda max allocated/reserved: the report shows and plots them."""
+    recs = [r for r in read_records(bench["results"] / "results.jsonl") if r["status"] == "ok"]
+    for i, r in enumerate(recs):
+        r["memory"]["cuda_max_memory_allocated_bytes"] = (i + 1) * 100 * MIB
+        r["memory"]["cuda_max_memory_reserved_bytes"] = (i + 1) * 128 * MIB
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_report(tmp_path / "results.jsonl")
+    headers, rows = parse_markdown_table((tmp_path / "report.md").read_text())
+    assert "GPU max allocated (MB)" in headers and "GPU max reserved (MB)" in headers
+    md = {row[0]: dict(zip(headers, row)) for row in rows}
+    lora = next(i for i, r in enumerate(recs) if r["cell"] == "lora-s1")
+    assert md["lora"]["GPU max allocated (MB)"] == str((lora + 1) * 100)
+    assert (tmp_path / "test_f1_vs_peak_memory.png").is_file()
+    assert "Missing cells" not in (tmp_path / "report.md").read_text()  # no plan.json here: nothing planned
 
 
 def test_real_specs_plan(tmp_path):
