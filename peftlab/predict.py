@@ -1,0 +1,443 @@
+"""``peftlab predict``: run a trained model on raw text.
+
+``predict(path, texts)`` accepts three kinds of folder:
+
+* a run folder (``recipe.yaml`` + ``model/``): base backbone + the method's saved weights, via
+  :func:`peftlab.runs.load_run` (quantized if the run was);
+* an exported package (``peftlab export``): the same layout, so the same loader;
+* a merged checkpoint (``peftlab merge``, or any plain ``transformers`` *For<Task> folder).
+
+What comes out depends on the task (one dict per input text, in input order):
+
+* ``token_classification``: ``{"text", "entities": [{"text", "type", "start", "end", "score"}]}``.
+  Raw text is split into words with character offsets (:func:`split_words`), the words are
+  tokenized as in training (``is_split_into_words``), each word takes the prediction of its first
+  sub-token, and IOB2 tags are turned into entity spans exactly as the evaluator (seqeval) reads
+  them. ``score`` is the mean probability of the predicted tags over the entity's words; ``start``/
+  ``end`` are character offsets into the text (``text[start:end] == entity text``).
+* ``sequence_classification``: ``{"text", "label", "probability"}`` (plus ``top`` with ``top_k > 1``).
+* ``causal_lm``: ``{"text", "completion"}`` (greedy, the task's own ``generate``; the recipe's
+  prompt template applies when the folder carries the recipe).
+* further tasks register ``fn(predictor, texts, batch_size, advance)`` with :func:`register_predictor`;
+  ``_PREDICTORS`` is the dispatch point by task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+
+from .errors import PeftlabError
+
+PathLike = Union[str, Path]
+
+ARCHITECTURE_TASKS = (
+    ("ForTokenClassification", "token_classification"),
+    ("ForSequenceClassification", "sequence_classification"),
+    ("ForCausalLM", "causal_lm"),
+)
+
+# URLs, @mentions and #hashtags stay whole (as in tweet-tokenized NER data such as WNUT-17); words
+# keep inner apostrophes and hyphens; every other non-space character is a word of its own.
+WORD_PATTERN = re.compile(
+    r"(?:https?://|www\.)\S+"
+    r"|[@#]\w+"
+    r"|\w+(?:['’\-]\w+)*"
+    r"|[^\w\s]",
+    re.UNICODE,
+)
+
+
+@dataclass
+class Predictor:
+    """A loaded model ready for :func:`predict` (load once, predict many times)."""
+
+    task: str
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    source: str  # "run" | "export" | "merged"
+    path: Path
+    device: torch.device
+    max_length: int = 512
+    extra: dict = field(default_factory=dict)  # task-specific (e.g. the recipe of a run)
+
+
+PredictFn = Callable[[Predictor, list[str], int, Optional[Callable[[int], None]]], list[dict]]
+_PREDICTORS: dict[str, PredictFn] = {}
+
+
+def register_predictor(task: str) -> Callable[[PredictFn], PredictFn]:
+    """``@register_predictor("causal_lm")`` on ``fn(predictor, texts, batch_size, advance) -> rows``."""
+
+    def deco(fn: PredictFn) -> PredictFn:
+        _PREDICTORS[task] = fn
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _is_bnb(model: Any) -> bool:
+    return any(p.__class__.__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def _max_length(model: Any, tokenizer: Any) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def task_of_config(config: Any, where: Path) -> str:
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in ARCHITECTURE_TASKS:
+            if arch.endswith(suffix):
+                return task
+    raise PeftlabError(
+        f"{where / 'config.json'}: architectures: expected a *ForTokenClassification, "
+        f"*ForSequenceClassification or *ForCausalLM model, found {getattr(config, 'architectures', None)}"
+    )
+
+
+def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Predictor:
+    """Load a run folder, an exported package or a merged checkpoint (see the module docstring)."""
+    from .runs import MODEL_DIR
+
+    path = Path(path)
+    device = device or _device()
+    if not path.is_dir():
+        raise PeftlabError(f"{path}: no such folder (expected a run folder, an export or a merged checkpoint)")
+    if (path / "recipe.yaml").is_file() and (path / MODEL_DIR).is_dir():
+        from .merge import EXPORT_FILE
+        from .runs import load_run
+
+        run = load_run(path, device=device)
+        if not _is_bnb(run.model):
+            run.model.to(device)
+        run.model.eval()
+        source = "export" if (path / EXPORT_FILE).is_file() else "run"
+        return Predictor(run.task.name, run.model, run.tokenizer, list(run.task.labels), source, path, device,
+                         _max_length(run.model, run.tokenizer), {"recipe": run.recipe, "task": run.task})
+    if (path / "config.json").is_file():
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .backbones import auto_class
+        from .tasks import get_task_class
+
+        config = AutoConfig.from_pretrained(str(path))
+        task = task_of_config(config, path)
+        auto = getattr(get_task_class(task), "auto_model", None) if task != "causal_lm" else "AutoModelForCausalLM"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = auto_class(auto).from_pretrained(str(path), dtype="auto", use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PeftlabError(f"{path}: cannot load the checkpoint: {first[:200]}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        extra = _merged_task(path, task)
+        model.to(device)
+        model.eval()
+        id2label = getattr(config, "id2label", None) or {}
+        labels = [id2label[i] for i in range(len(id2label))] if task != "causal_lm" else []
+        return Predictor(task, model, tokenizer, labels, "merged", path, device, _max_length(model, tokenizer), extra)
+    raise PeftlabError(
+        f"{path}: not a run folder, an exported package or a merged checkpoint "
+        f"(expected recipe.yaml + model/, or config.json)"
+    )
+
+
+def _merged_task(path: Path, task: str) -> dict:
+    """The peftlab task object of a merged checkpoint, rebuilt from its peftlab_merge.json (if any)."""
+    from .merge import MERGE_FILE
+    from .recipe import recipe_from_dict
+    from .tasks import get_task_class
+
+    info_path = path / MERGE_FILE
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        recipe = recipe_from_dict(info["recipe"], source=str(info_path))
+    except (ValueError, KeyError, TypeError, PeftlabError):
+        return {}  # a plain checkpoint is enough for token and sequence classification
+    if recipe.task != task:
+        return {}
+    return {"recipe": recipe, "task": get_task_class(task)(recipe)}
+
+
+# ------------------------------------------------------------------------------------- predict
+
+
+def predict(
+    model: Union[PathLike, Predictor],
+    texts: Union[str, Iterable[str]],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    device: Optional[torch.device] = None,
+) -> list[dict]:
+    """Predictions for ``texts`` (one dict per text, in order) from a folder or a loaded Predictor."""
+    predictor = model if isinstance(model, Predictor) else load_predictor(model, device=device)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if batch_size < 1:
+        raise PeftlabError("--batch-size: expected a positive number")
+    fn = _PREDICTORS.get(predictor.task)
+    if fn is None:
+        raise PeftlabError(
+            f"{predictor.path}: predict does not support task '{predictor.task}' yet "
+            f"(supported: {', '.join(sorted(_PREDICTORS))})"
+        )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="predict", unit="text", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    try:
+        return fn(predictor, texts, batch_size, bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _batches(n: int, size: int, lengths: list[int]) -> Iterator[list[int]]:
+    """Indices in batches of similar length (less padding); results are put back in input order."""
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    for start in range(0, n, size):
+        yield order[start : start + size]
+
+
+# ------------------------------------------------------------------------------------------ NER
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """``(word, start, end)`` character spans of the words of ``text`` (see ``WORD_PATTERN``)."""
+    return [(m.group(), m.start(), m.end()) for m in WORD_PATTERN.finditer(text)]
+
+
+def _is_iob(labels: list[str]) -> bool:
+    return all(label == "O" or label[:2] in ("B-", "I-", "E-", "S-") for label in labels)
+
+
+def tag_spans(tags: list[str], iob: bool = True) -> list[tuple[str, int, int]]:
+    """``(type, first word, last word)`` of each entity, read as seqeval reads IOB2 (default mode)."""
+    if iob:
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        return [(t, s, e) for t, s, e in get_entities(list(tags))]
+    spans: list[tuple[str, int, int]] = []  # plain tags (PER, LOC): runs of the same tag
+    for i, tag in enumerate(tags):
+        if tag == "O":
+            continue
+        if spans and spans[-1][0] == tag and spans[-1][2] == i - 1:
+            spans[-1] = (tag, spans[-1][1], i)
+        else:
+            spans.append((tag, i, i))
+    return spans
+
+
+@register_predictor("token_classification")
+@torch.no_grad()
+def predict_entities(p: Predictor, texts: list[str], batch_size: int, advance: Optional[Callable[[int], None]]) -> list[dict]:
+    words = [split_words(t) for t in texts]
+    results: list[Optional[dict]] = [None] * len(texts)
+    iob = _is_iob(p.labels)
+    for idx in _batches(len(texts), batch_size, [len(w) for w in words]):
+        todo = [i for i in idx if words[i]]
+        for i in idx:
+            if not words[i]:
+                results[i] = {"text": texts[i], "entities": []}
+        if todo:
+            enc = p.tokenizer(
+                [[w for w, _, _ in words[i]] for i in todo], is_split_into_words=True, truncation=True,
+                max_length=p.max_length, padding=True, return_tensors="pt",
+            )
+            inputs = {k: v.to(p.device) for k, v in enc.items()}
+            probs = p.model(**inputs).logits.float().softmax(-1).cpu()
+            best_p, best_id = probs.max(-1)
+            for row, i in enumerate(todo):
+                n_words = len(words[i])
+                tags, scores = ["O"] * n_words, [0.0] * n_words
+                seen = set()
+                for pos, w in enumerate(enc.word_ids(row)):
+                    if w is None or w in seen:
+                        continue  # special tokens and later sub-tokens
+                    seen.add(w)
+                    tags[w] = p.labels[int(best_id[row, pos])]
+                    scores[w] = float(best_p[row, pos])
+                entities = []
+                for kind, s, e in tag_spans(tags, iob):
+                    start, end = words[i][s][1], words[i][e][2]
+                    entities.append({
+                        "text": texts[i][start:end], "type": kind, "start": start, "end": end,
+                        "score": round(sum(scores[s : e + 1]) / (e - s + 1), 6),
+                    })
+                results[i] = {"text": texts[i], "entities": entities}
+                if len(seen) < n_words:
+                    results[i]["words_not_seen"] = n_words - len(seen)  # truncated (tagged O)
+        if advance is not None:
+            advance(len(idx))
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------- classification
+
+
+@register_predictor("sequence_classification")
+@torch.no_grad()
+def predict_labels(p: Predictor, texts: list[str], batch_size: int, advance: Optional[Callable[[int], None]],
+                   top_k: int = 1) -> list[dict]:
+    results: list[Optional[dict]] = [None] * len(texts)
+    for idx in _batches(len(texts), batch_size, [len(t) for t in texts]):
+        enc = p.tokenizer([texts[i] for i in idx], truncation=True, max_length=p.max_length, padding=True,
+                          return_tensors="pt")
+        probs = p.model(**{k: v.to(p.device) for k, v in enc.items()}).logits.float().softmax(-1).cpu()
+        for row, i in enumerate(idx):
+            best = int(probs[row].argmax())
+            results[i] = {"text": texts[i], "label": p.labels[best], "probability": round(float(probs[row, best]), 6)}
+            if top_k > 1:
+                values, ids = probs[row].topk(min(top_k, probs.shape[-1]))
+                results[i]["top"] = [{"label": p.labels[int(j)], "probability": round(float(v), 6)}
+                                     for v, j in zip(values, ids)]
+        if advance is not None:
+            advance(len(idx))
+    return results  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------- causal_lm
+
+
+@register_predictor("causal_lm")
+def predict_completions(p: Predictor, texts: list[str], batch_size: int,
+                        advance: Optional[Callable[[int], None]]) -> list[dict]:
+    """Prompt in, greedy completion out (the causal_lm task's own ``generate``).
+
+    With a run, an export or a merged checkpoint that has peftlab_merge.json, each text fills the
+    recipe's prompt template (and chat template) as in training; a bare causal LM checkpoint takes
+    each text as the finished prompt.
+    """
+    task = p.extra.get("task")
+    templated = task is not None
+    if task is None:
+        from .recipe import recipe_from_dict
+        from .tasks import get_task_class
+
+        recipe = recipe_from_dict({"backbone": {"name": str(p.path)}, "task": "causal_lm",
+                                   "data": {"train": "-"}, "method": {"name": "full"}}, source=str(p.path))
+        task = get_task_class("causal_lm")(recipe)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        completions = task.generate(p.model, p.tokenizer, chunk, batch_size=batch_size, templated=templated)
+        out += [{"text": t, "completion": c} for t, c in zip(chunk, completions)]
+        if advance is not None:
+            advance(len(chunk))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- input
+
+
+def read_inputs(path: PathLike, text_field: str = "text") -> list[str]:
+    """Texts from a file: JSONL (one object per line with ``text_field``) or one text per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"--input: file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
+    except UnicodeDecodeError:
+        raise PeftlabError(f"--input: {path} is not UTF-8 text") from None
+    first = next((line for line in lines if line.strip()), "")
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or first.lstrip().startswith("{")
+    texts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            texts.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PeftlabError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise PeftlabError(f"{path}:{lineno}: expected an object with a string '{text_field}' (found {keys}); "
+                               f"set --text-field")
+        texts.append(obj[text_field])
+    if not texts:
+        raise PeftlabError(f"--input: no texts in {path}")
+    return texts
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_commands(sub: Any, command: Callable) -> None:
+    """Register ``peftlab predict`` (called by peftlab.cli)."""
+    p = sub.add_parser(
+        "predict",
+        help="predict with a run folder, an exported package or a merged checkpoint",
+        description="NER: one JSON line per text with its entities (text, type, start, end, score). "
+        "Classification: one JSON line per text with the label and its probability.",
+    )
+    p.add_argument("model_dir", help="run folder, `peftlab export` folder or merged checkpoint")
+    p.add_argument("texts", nargs="*", help="texts to predict (or use --input)")
+    p.add_argument("--input", help="file: one text per line, or JSONL with a text field")
+    p.add_argument("--text-field", default="text", help="JSONL key of the text (default: text)")
+    p.add_argument("--output", help="write the JSON lines to this file (atomically) instead of stdout")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=1, help="classification: also list the k most likely labels")
+    command("predict")(_predict_cmd)
+
+
+def _predict_cmd(args: argparse.Namespace) -> int:
+    texts = list(args.texts)
+    if args.input:
+        texts += read_inputs(args.input, args.text_field)
+    if not texts:
+        raise PeftlabError("command line: give texts to predict or --input FILE (see `peftlab predict --help`)")
+    if args.top_k < 1:
+        raise PeftlabError("--top-k: expected a positive number")
+    predictor = load_predictor(args.model_dir)
+    if predictor.task == "sequence_classification" and args.top_k > 1:
+        rows = _with_top_k(predictor, texts, args)
+    else:
+        rows = predict(predictor, texts, batch_size=args.batch_size, progress=bool(args.input))
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.output:
+        from .atomicio import write_text
+
+        write_text(args.output, lines)
+        print(f"predict: {len(rows)} prediction(s) written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _with_top_k(predictor: Predictor, texts: list[str], args: argparse.Namespace) -> list[dict]:
+    bar = None
+    if args.input:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="predict", unit="text", file=sys.stderr, dynamic_ncols=True)
+    try:
+        return predict_labels(predictor, texts, args.batch_size, bar.update if bar else None, top_k=args.top_k)
+    finally:
+        if bar is not None:
+            bar.close()
