@@ -17,6 +17,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--over` must not silently mean --overwrite
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2
         raise PeftlabError(f"command line: {message} (see `{self.prog} --help`)")
 

@@ -190,9 +190,21 @@ class Recipe(StrictModel):
 # --------------------------------------------------------------------------------------- errors
 
 
+# Names other tools (transformers Trainer, peft) use for the same settings: suggested when the spelling
+# is not close to any key (e.g. `rank` -> `r`, `learning_rate` -> `lr`).
+KEY_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "model_name": "name", "model": "name",
+}
+
+
 def _closest(word: str, choices: list[str]) -> Optional[str]:
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return match[0] if match else None
+    if match:
+        return match[0]
+    alias = KEY_ALIASES.get(word)
+    return alias if alias in choices else None
 
 
 def _fields_at(model: type[BaseModel], path: tuple) -> Optional[list[str]]:

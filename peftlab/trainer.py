@@ -335,6 +335,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         bad = [n for n, p in trainable.items() if not bool(torch.isfinite(p.detach()).all())]
         if bad:
             last = latest_checkpoint(ckpt_dir)
+            bar.close()  # the error is the last line the user sees
             raise TrainingError(
                 f"train: weights became non-finite (nan/inf in {bad[0]}) at step {state['step']} "
                 f"(epoch {state['epoch'] + 1}); {what} not saved, training stopped. Last good checkpoint: "
@@ -410,8 +411,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
                     bad = accelerator.reduce(bad, "sum")
                 if bad.item() > 0:
                     last = latest_checkpoint(ckpt_dir)
+                    bar.close()  # the error is the last line the user sees
+                    value = loss.item()
+                    what = f"loss is {value}" if not math.isfinite(value) else "another process's loss is not finite"
                     raise TrainingError(
-                        f"train: loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}); "
+                        f"train: {what} at step {state['step'] + 1} (epoch {epoch + 1}); "
                         f"training stopped. Last good checkpoint: {last or 'none yet'}. "
                         f"Lower train.lr or check the data"
                     )

@@ -173,3 +173,19 @@ def gen_recipe(backbone: str, files: dict, out: Path, method: dict, **train) -> 
     r["data"] = {**files, "validation_split": 0.2, "prompt_template": "Query: {text}\nIntent:",
                  "completion_template": " {category:words}", "max_new_tokens": 6, "max_length": 96}
     return r
+
+
+@pytest.fixture(scope="session")
+def pickle_bert(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT with its weights only as a pickle file (pytorch_model.bin), no safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("pickle-bert")
+    for f in tiny_bert.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    torch.save(load_file(str(tiny_bert / "model.safetensors")), out / "pytorch_model.bin")
+    return out
