@@ -346,6 +346,8 @@ def plan_bench(
                     id=_cell_id(label, seed), config=label, seed=seed, order=len(cells), recipe=recipe,
                     overrides=overrides + [f"train.seed={seed}"], script=entry.script,
                     env={**spec.env, **entry.env}, timeout_s=timeout, compare_to=entry.compare_to, axes=axes,
+                    backbone=axes.get("backbone.name"), quantization=axes.get("backbone.quantization", "none"),
+                    method=(entry.method or {}).get("name"),
                 )
                 _resolve_cell(cell, read_yaml, apply_overrides)
                 cells.append(cell)
@@ -764,8 +766,8 @@ def run_bench(
             eta_txt = _fmt_duration(sum(known) * len(left) / len(known)) if known else "? (after the first cell)"
             done = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "ok")
             failed = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "failed")
-            say(f"[{done}/{len(plan.cells)} done, {len(plan.cells) - done} left"
-                f"{f', {failed} failed' if failed else ''}] ETA {eta_txt} | cell {cell.id}")
+            say(f"[{done}/{len(plan.cells)} done{f', {failed} failed' if failed else ''}; this run: "
+                f"{i}/{len(todo)} done, {len(left)} left, ETA {eta_txt}] cell {cell.id}")
             rec = _run_or_harvest(plan, cell, ctx, resume, say)
             if rec.get("harvested"):
                 summary.harvested.append(cell.id)

@@ -239,6 +239,8 @@ def comparisons(summary: Summary) -> list[dict]:
                 return None
             return a.mean / b.mean
 
+        if not ours.records and not row.records:
+            continue
         a, b = ours.stats.get(f"test_{m}"), row.stats.get(f"test_{m}")
         diff = a.mean - b.mean if a and b and a.mean is not None and b.mean is not None else None
         out.append({
@@ -343,6 +345,11 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
         for caption, name in plots.items():
             lines += [f"![{caption}]({name})", ""]
 
+    resumed = [r for r in s.ok if r.get("resumed") or r.get("harvested")]
+    if resumed:
+        lines += ["Cells resumed from a checkpoint or recorded from a finished run folder after the bench was "
+                  "interrupted (their peak RSS covers only the resumed process; the outside `wait4` measure is "
+                  "missing for recorded ones): " + ", ".join(f"`{r['cell']}`" for r in resumed) + ".", ""]
     if s.failed:
         lines += ["## Failed cells", "", "| cell | error |", "|---|---|"]
         for r in s.failed:
