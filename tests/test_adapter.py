@@ -1,4 +1,6 @@
 """Bottleneck adapters: identity at init, exact parameter counts, training, save/load, merge refusal."""
+# Training runs here use train.num_threads=1: on a CPU shared with other jobs two threads per process
+# were measured 8x slower (36 MiniLM steps: 254 s with 2 threads, 33 s with 1).
 
 from __future__ import annotations
 
@@ -164,7 +166,8 @@ def test_recipe_rejects_unknown_adapter_option(tiny_bert, wnut_small, tmp_path):
 @pytest.fixture(scope="module")
 def adapter_ner_run(tiny_bert, wnut_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "adapter"
-    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "adapter", "reduction_factor": 4}, epochs=3, lr=1e-2, log_every=3)
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "adapter", "reduction_factor": 4}, epochs=3, lr=1e-2, log_every=3,
+                        num_threads=1)
     return out, peftlab.train(recipe)
 
 
@@ -222,13 +225,11 @@ def test_adapter_cannot_merge(adapter_ner_run):
 
 
 def test_pfeiffer_adapter_classification_trains_and_reloads(tiny_bert, banking_small, tmp_path):
-    """Mechanics on the tiny random BERT (its frozen [CLS] features are too degenerate for the loss
-    to fall; the real MiniLM run below shows learning)."""
+    """Mechanics on the tiny random BERT: its frozen [CLS] features hardly depend on the input, so no
+    frozen-backbone method lowers a classification loss on it; the MiniLM test below shows learning."""
     out = tmp_path / "run"
-    metrics = peftlab.train(cls_recipe(tiny_bert, banking_small, out, {"name": "adapter", "placement": "pfeiffer",
-                                                                       "reduction_factor": 4, "non_linearity": "gelu"},
-                                       epochs=1, lr=1e-2, batch_size=8))
-    assert metrics["test"]["accuracy"] >= 0
+    method = {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 4, "non_linearity": "gelu"}
+    peftlab.train(cls_recipe(tiny_bert, banking_small, out, method, epochs=1, lr=1e-2, batch_size=8, num_threads=1))
     run = load_run(out)
     assert sorted(n for n, _ in run.model.named_modules() if n.endswith(".adapter")) == [
         f"bert.encoder.layer.{i}.output.dense.adapter" for i in (0, 1)
@@ -243,9 +244,8 @@ def test_pfeiffer_adapter_classification_trains_and_reloads(tiny_bert, banking_s
 
 @pytest.mark.integration
 def test_minilm_adapter_classification_loss_falls(banking_small, tmp_path):
-    out = tmp_path / "run"
-    metrics = peftlab.train(cls_recipe(MINILM, banking_small, out, {"name": "adapter", "reduction_factor": 16},
-                                       epochs=3, lr=3e-3, batch_size=8, log_every=3))
+    metrics = peftlab.train(cls_recipe(MINILM, banking_small, tmp_path / "run", {"name": "adapter"},
+                                       max_steps=36, lr=3e-3, batch_size=8, log_every=4, num_threads=1))
     losses = [loss for _, loss in metrics["train_loss"]]
     assert losses[-1] < 0.7 * losses[0], losses
-    assert metrics["test"]["accuracy"] > 0.5  # 6 intents, chance is 1/6
+    assert metrics["test"]["accuracy"] > 0.5  # 6 intents, chance 1/6

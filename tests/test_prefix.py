@@ -258,7 +258,8 @@ def predict(model, tok):
 @pytest.fixture(scope="module")
 def prefix_ner_run(tiny_bert, wnut_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "prefix"
-    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "prefix", "num_virtual_tokens": 8}, epochs=3, lr=2e-2, log_every=3)
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "prefix", "num_virtual_tokens": 8}, epochs=3, lr=2e-2, log_every=3,
+                        num_threads=1)
     return out, peftlab.train(recipe)
 
 
@@ -280,7 +281,7 @@ def test_prefix_ner_loss_falls_and_reloads_identically(prefix_ner_run):
 def test_reparameterized_prefix_saves_only_the_prefix(tiny_bert, wnut_small, tmp_path):
     out = tmp_path / "run"
     method = {"name": "prefix", "num_virtual_tokens": 4, "reparameterize": True, "encoder_hidden_size": 16}
-    metrics = peftlab.train(ner_recipe(tiny_bert, wnut_small, out, method, epochs=2, lr=5e-3, log_every=3))
+    metrics = peftlab.train(ner_recipe(tiny_bert, wnut_small, out, method, epochs=2, lr=5e-3, log_every=3, num_threads=1))
     losses = [loss for _, loss in metrics["train_loss"]]
     assert losses[-1] < 0.8 * losses[0], losses
     params = json.loads((out / "params.json").read_text())
@@ -305,7 +306,7 @@ def test_reparameterized_prefix_saves_only_the_prefix(tiny_bert, wnut_small, tmp
 def test_prefix_classification_trains_and_reloads(tiny_bert, banking_small, tmp_path):
     out = tmp_path / "run"
     peftlab.train(cls_recipe(tiny_bert, banking_small, out, {"name": "prefix", "num_virtual_tokens": 4},
-                             epochs=1, lr=1e-2, batch_size=8))
+                             epochs=1, lr=1e-2, batch_size=8, num_threads=1))
     run = load_run(out)
     batch = run.tokenizer(["my card has not arrived", "what is the exchange rate"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -319,9 +320,8 @@ def test_prefix_classification_trains_and_reloads(tiny_bert, banking_small, tmp_
 
 @pytest.mark.integration
 def test_minilm_prefix_classification_loss_falls(banking_small, tmp_path):
-    out = tmp_path / "run"
-    metrics = peftlab.train(cls_recipe(MINILM, banking_small, out, {"name": "prefix", "num_virtual_tokens": 10},
-                                       epochs=3, lr=1e-2, batch_size=8, log_every=3))
+    metrics = peftlab.train(cls_recipe(MINILM, banking_small, tmp_path / "run", {"name": "prefix", "num_virtual_tokens": 10},
+                                       max_steps=36, lr=2e-2, batch_size=8, log_every=4, num_threads=1))
     losses = [loss for _, loss in metrics["train_loss"]]
     assert losses[-1] < 0.7 * losses[0], losses
-    assert metrics["test"]["accuracy"] > 0.5
+    assert metrics["test"]["accuracy"] > 0.5  # 6 intents, chance 1/6
