@@ -128,16 +128,32 @@ def load_tokenizer(cfg: BackboneConfig, path: Optional[str] = None) -> Any:
     return tok
 
 
-def compute_dtype(cfg: BackboneConfig) -> torch.dtype:
-    """auto = bfloat16 on a GPU that supports it, float32 otherwise (CPU bf16 is ~9x slower here)."""
+def compute_dtype(cfg: BackboneConfig, device: Optional[torch.device] = None) -> torch.dtype:
+    """nf4/fp4 compute dtype. auto = bfloat16 on a CUDA device that supports it, float32 otherwise
+    (CPUs: bitsandbytes' CPU kernels run bf16 ~9x slower than fp32 here, and many CPUs lack bf16)."""
     if cfg.compute_dtype != "auto":
         return getattr(torch, cfg.compute_dtype)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
 
-def quantization_config(cfg: BackboneConfig, skip_modules: list[str]) -> Any:
+def default_device() -> torch.device:
+    """The device accelerate gives this process (cuda:<local rank>, mps, xpu or cpu)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def quantization_config(
+    cfg: BackboneConfig, skip_modules: list[str], device: Optional[torch.device] = None
+) -> Any:
+    """The BitsAndBytesConfig of ``backbone.quantization`` (None for ``none``).
+
+    ``skip_modules`` stay in full precision: the task head and every module whose weights are
+    not in the checkpoint (bitsandbytes cannot quantize freshly initialised layers).
+    """
     if cfg.quantization == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -148,15 +164,86 @@ def quantization_config(cfg: BackboneConfig, skip_modules: list[str]) -> Any:
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quantization,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_compute_dtype=compute_dtype(cfg, device),
         bnb_4bit_quant_storage=torch.uint8,
-        llm_int8_skip_modules=skip_modules,
+        llm_int8_skip_modules=list(skip_modules),
     )
+
+
+def checkpoint_keys(path: str) -> Optional[set[str]]:
+    """Tensor names of a local folder's safetensors weights (headers only); None when unknown."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            keys.update(fh.keys())
+    return keys
+
+
+def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict, path: str) -> list[str]:
+    """Modules a quantized load must keep in full precision.
+
+    Always the task-head names (``classifier``, ``score``, ``qa_outputs``, ``lm_head``); for local
+    safetensors checkpoints also every linear layer whose weight the checkpoint lacks (e.g. the
+    pooler of a checkpoint saved without one): transformers 5 + bitsandbytes crash when they have
+    to initialise a quantized layer that has no weights to load.
+    """
+    skip = list(HEAD_CANDIDATES) + ["lm_head"]
+    keys = checkpoint_keys(path)
+    if keys is None:
+        return skip
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("dtype", "use_safetensors")}
+    try:
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **config_kwargs
+        )
+        with init_empty_weights():
+            skeleton = auto_class(auto_model).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the load itself reports real problems
+        return skip
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+
+    def in_checkpoint(name: str) -> bool:
+        key = f"{name}.weight"
+        if key in keys:
+            return True
+        if prefix and key.startswith(prefix + "."):
+            return key[len(prefix) + 1 :] in keys
+        return bool(prefix) and f"{prefix}.{key}" in keys
+
+    for name, module in skeleton.named_modules():
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if name and linear and not in_checkpoint(name) and name not in skip:
+            skip.append(name)
+    return skip
+
+
+class _DropBnbCastWarning:
+    """bitsandbytes logs 'MatMul8bitLt: inputs will be cast ... to float16' on every int8 forward."""
+
+    def filter(self, record: Any) -> bool:
+        return "inputs will be cast from" not in str(record.msg)
+
+
+def _quiet_bitsandbytes() -> None:
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropBnbCastWarning) for f in logger.filters):
+        logger.addFilter(_DropBnbCastWarning())
 
 
 def auto_class(name: str) -> Any:
@@ -174,7 +261,8 @@ def load_model(
 ) -> Any:
     """Load ``path`` (default: the resolved backbone) with the task's Auto class.
 
-    ``device`` is only used for quantized models, which bitsandbytes places at load time;
+    ``device`` is only used for quantized models, which bitsandbytes places at load time
+    (default: the device accelerate gives this process, so each DDP rank loads onto its own GPU);
     other models stay on the CPU and accelerate moves them.
     """
     path = path or resolve_backbone(cfg)
@@ -186,11 +274,12 @@ def load_model(
     )
     if not cfg.allow_pickle:
         kwargs["use_safetensors"] = True
-    qconfig = quantization_config(cfg, list(HEAD_CANDIDATES) + ["lm_head"])
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
-        if device is not None:
-            kwargs["device_map"] = {"": device}
+    if cfg.quantization != "none":
+        device = torch.device(device) if device is not None else default_device()
+        skip = unquantized_modules(cfg, auto_model, dict(model_kwargs or {}), path)
+        kwargs["quantization_config"] = quantization_config(cfg, skip, device)
+        kwargs["device_map"] = {"": device}
+        _quiet_bitsandbytes()
     try:
         model = auto_class(auto_model).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

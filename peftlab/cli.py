@@ -114,9 +114,11 @@ def _schema(args: argparse.Namespace) -> int:
 
 @command("methods")
 def _methods(args: argparse.Namespace) -> int:
-    from .methods import describe_methods
+    from .methods import describe_methods, plugin_problems
 
     rows = describe_methods()
+    for problem in plugin_problems():  # broken plugins are reported, the others still listed
+        print(f"peftlab: warning: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
