@@ -249,3 +249,21 @@ def test_minilm_adapter_classification_loss_falls(banking_small, tmp_path):
     losses = [loss for _, loss in metrics["train_loss"]]
     assert losses[-1] < 0.7 * losses[0], losses
     assert metrics["test"]["accuracy"] > 0.5  # 6 intents, chance 1/6
+
+
+@pytest.mark.parametrize("quantization, linear_class", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
+def test_adapter_on_quantized_backbone_trains_and_reloads(tiny_bert, wnut_small, tmp_path, quantization, linear_class):
+    out = tmp_path / "run"
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "adapter", "reduction_factor": 4}, epochs=2, lr=1e-2,
+                        log_every=3, num_threads=1)
+    recipe["backbone"]["quantization"] = quantization
+    metrics = peftlab.train(recipe)
+    losses = [loss for _, loss in metrics["train_loss"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    run = load_run(out)
+    proj = run.model.bert.encoder.layer[0].attention.output.dense
+    assert type(proj).__name__ == linear_class and proj.weight.dtype in (torch.int8, torch.uint8)
+    assert proj.adapter.down.weight.dtype == torch.float32 and run.model.classifier.weight.dtype == torch.float32
+    batch = run.tokenizer([["Paris", "is", "nice"]], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(run.model(**batch).logits, load_run(out).model(**batch).logits)

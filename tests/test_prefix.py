@@ -325,3 +325,23 @@ def test_minilm_prefix_classification_loss_falls(banking_small, tmp_path):
     losses = [loss for _, loss in metrics["train_loss"]]
     assert losses[-1] < 0.7 * losses[0], losses
     assert metrics["test"]["accuracy"] > 0.5  # 6 intents, chance 1/6
+
+
+@pytest.mark.parametrize("quantization, linear_class", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
+def test_prefix_on_quantized_backbone_trains_and_reloads(tiny_bert, wnut_small, tmp_path, quantization, linear_class):
+    out = tmp_path / "run"
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "prefix", "num_virtual_tokens": 4}, epochs=2, lr=1e-2,
+                        log_every=3, num_threads=1)
+    recipe["backbone"]["quantization"] = quantization
+    metrics = peftlab.train(recipe)
+    losses = [loss for _, loss in metrics["train_loss"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    run = load_run(out)
+    assert type(run.model.bert.encoder.layer[0].attention.self.key).__name__ == linear_class
+    assert run.model.peftlab_prefix.prefix.dtype == torch.float32
+    batch = run.tokenizer([["Paris", "is", "nice"]], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        a = run.model(**batch).logits
+        assert torch.equal(a, load_run(out).model(**batch).logits)
+        with prefix_disabled(run.model):
+            assert not torch.allclose(a, run.model(**batch).logits)
