@@ -75,9 +75,11 @@ def rng_tensors(accelerator: Any) -> dict[str, torch.Tensor]:
 
 def restore_rng(tensors: dict[str, torch.Tensor], accelerator: Any) -> None:
     rank = accelerator.process_index
-    torch.set_rng_state(tensors["torch_cpu"][rank].to(torch.uint8).cpu())
+    # .clone(): row `rank` is a view at a storage offset, which torch.set_rng_state does not honour
+    # (rank 1 of a 2-process resume crashed with SIGSEGV)
+    torch.set_rng_state(tensors["torch_cpu"][rank].to(torch.uint8).cpu().clone())
     if "torch_cuda" in tensors and accelerator.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["torch_cuda"][rank].to(torch.uint8).cpu(), accelerator.device)
+        torch.cuda.set_rng_state(tensors["torch_cuda"][rank].to(torch.uint8).cpu().clone(), accelerator.device)
 
 
 def save_checkpoint(

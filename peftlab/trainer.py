@@ -300,12 +300,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     state: dict[str, Any] = {
         "step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_step": None, "best_epoch": None,
         "bad_evals": 0, "history": [], "train_time": 0.0, "eval_time": 0.0, "samples": 0, "tokens": 0,
+        "processes": accelerator.num_processes,
     }
     pending_rng = None
     if resume:
         ckpt_path, ckpt, problems = load_latest_checkpoint(ckpt_dir)
         if ckpt_path is None or ckpt is None:
             raise PeftlabError(f"--resume: no readable checkpoint in {ckpt_dir} ({'; '.join(problems)})")
+        saved_procs = int(ckpt["state"].get("processes", ckpt["rng"]["torch_cpu"].shape[0]))
+        if saved_procs != accelerator.num_processes:
+            raise PeftlabError(
+                f"--resume: {ckpt_path} was written by {saved_procs} process(es), this launch has "
+                f"{accelerator.num_processes}; the data position and random state are per process: "
+                f"resume with --num_processes {saved_procs}"
+            )
         load_trainable_state(accelerator.unwrap_model(model), ckpt["trainable"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["state"].pop("scheduler"))
@@ -345,9 +353,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     def checkpoint() -> None:
         check_finite("checkpoint")
         rng = rng_tensors(accelerator)
+        # every rank's running loss of the current log interval (the logged mean is over all ranks)
+        pending = torch.tensor([[float(loss_acc), float(loss_count)]], dtype=torch.float64, device=accelerator.device)
+        pending = accelerator.gather(pending).cpu().tolist()
         if main:
             folder = ckpt_dir / f"step-{state['step']:06d}"
-            extra = {"scheduler": scheduler.state_dict(), "loss_pending": [float(loss_acc), loss_count]}
+            extra = {"scheduler": scheduler.state_dict(), "loss_pending": pending}
             save_checkpoint(folder, trainable_state(), optimizer, rng, {**state, **extra},
                             best_file=ckpt_dir / BEST_DIR / "trainable.safetensors")
             prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
@@ -389,9 +400,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     stop = state["step"] >= total_steps
     loss_acc = torch.zeros((), device=accelerator.device)
     loss_count = 0
-    if "loss_pending" in state:  # resumed: the running loss of the interrupted log interval
-        loss_acc += state["loss_pending"][0]
-        loss_count = state.pop("loss_pending")[1]
+    if "loss_pending" in state:  # resumed: this rank's running loss of the interrupted log interval
+        pending = state.pop("loss_pending")
+        if pending and isinstance(pending[0], list):  # one [sum, count] per rank
+            pending = pending[accelerator.process_index]
+        loss_acc += pending[0]
+        loss_count = int(pending[1])
     for epoch in range(state["epoch"], n_epochs):
         if stop:
             break
