@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from .backbones import find_head_names, load_model, load_tokenizer, resolve_backbone
+from .backbones import PICKLE_SUFFIXES, find_head_names, load_model, load_tokenizer, resolve_backbone
 from .errors import PeftlabError
 from .methods import Method, MethodContext, build_method, read_method_file
 from .recipe import Recipe, load_recipe
@@ -131,6 +131,12 @@ def load_run(run_dir: str | Path, device: Optional[torch.device] = None) -> Load
     if not (run_dir / "recipe.yaml").is_file() or not model_dir.is_dir():
         raise PeftlabError(f"{run_dir}: not a finished peftlab run (needs recipe.yaml and model/)")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    pickles = sorted(f.name for f in model_dir.iterdir() if f.name.endswith(PICKLE_SUFFIXES))
+    if pickles and not recipe.backbone.allow_pickle:  # peftlab writes safetensors only: these came from elsewhere
+        raise PeftlabError(
+            f"{model_dir}: holds pickle weights ({pickles[0]}); pickle can run code on load and peftlab writes "
+            f"safetensors only: remove them, or set backbone.allow_pickle: true in {run_dir / 'recipe.yaml'} if you trust them"
+        )
     info = read_method_file(model_dir)
     task = get_task_class(recipe.task)(recipe)
     task.set_labels(info["labels"])

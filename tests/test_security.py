@@ -141,3 +141,19 @@ def test_recipes_cannot_name_python_objects(tmp_path, monkeypatch):
                                            r"'tag:yaml.org,2002:python/object/apply:builtins.open'"):
         load_recipe(path)
     assert not marker.exists()
+
+
+def test_a_run_folder_with_pickle_weights_is_refused(tiny_bert, wnut_small, tmp_path):
+    import peftlab
+    from peftlab.runs import load_run
+
+    run = tmp_path / "run"
+    peftlab.train(ner_recipe(tiny_bert, wnut_small, run, {"name": "lora", "r": 4}, max_steps=1, num_threads=1))
+    assert load_run(run).model is not None
+    adapter = run / "model" / "adapter_model.safetensors"
+    adapter.unlink()  # as if the adapter had been replaced by a pickle from elsewhere
+    with open(run / "model" / "adapter_model.bin", "wb") as fh:
+        pickle.dump({"weights": _Trap(tmp_path / "PICKLE_WAS_LOADED")}, fh)
+    with pytest.raises(PeftlabError, match=r"model: holds pickle weights \(adapter_model.bin\); pickle can run code"):
+        load_run(run)
+    assert not (tmp_path / "PICKLE_WAS_LOADED").exists()
