@@ -542,7 +542,7 @@ def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path]
                  error: Optional[str] = None, returncode: Optional[int] = None,
                  parent_peak: Optional[int] = None, cell_wall: Optional[float] = None,
                  started: Optional[float] = None, resumed: bool = False, harvested: bool = False,
-                 command: Optional[list[str]] = None) -> dict:
+                 command: Optional[list[str]] = None, load: Optional[list[float]] = None) -> dict:
     rec: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "status": status,
@@ -573,6 +573,9 @@ def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path]
         "cell_wall_s": round(cell_wall, 3) if cell_wall is not None else None,
         "resumed": resumed,
         "harvested": harvested,
+        # 1-minute load average of the machine while the cell ran (timings on a busy machine are slower)
+        "load_avg": {"mean": round(sum(load) / len(load), 2), "max": round(max(load), 2), "samples": len(load)}
+        if load else None,
         "versions": ctx["versions"],
         "git": ctx["git"],
         "machine": ctx["machine"],
@@ -839,15 +842,17 @@ def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say) -
     with open(cell_dir / "stdout.log", mode, encoding="utf-8") as so, open(cell_dir / "stderr.log", mode, encoding="utf-8") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+        load: list[float] = []
         status, rusage, timed_out = _wait(proc, cell.timeout_s, heartbeat=lambda el: say(
-            f"  ... {cell.id} running for {_fmt_duration(el)}: {_last_progress(cell_dir / 'stderr.log')}"))
+            f"  ... {cell.id} running for {_fmt_duration(el)}: {_last_progress(cell_dir / 'stderr.log')}"), load=load)
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     parent_peak = int(rusage.ru_maxrss) * 1024 if rusage is not None else None
     info = {"cell": cell.id, "recipe_hash": cell.recipe_hash, "overrides": cell.overrides, "command": cmd,
             "returncode": rc, "cell_wall_s": round(wall, 3), "parent_peak_rss_bytes": parent_peak}
     write_json(cell_dir / CELL_FILE, info)
-    common = dict(returncode=rc, parent_peak=parent_peak, cell_wall=wall, started=started, resumed=resumed, command=cmd)
+    common = dict(returncode=rc, parent_peak=parent_peak, cell_wall=wall, started=started, resumed=resumed,
+                  command=cmd, load=load)
     if timed_out:
         return build_record(plan, cell, ctx, run_dir, status="failed",
                             error=f"timed out after {_fmt_duration(cell.timeout_s)} (timeout_s)", **common)
@@ -875,11 +880,15 @@ def _last_progress(path: Path) -> str:
 HEARTBEAT_S = 300.0
 
 
-def _wait(proc: subprocess.Popen, timeout: Optional[float], heartbeat=None):
-    """Reap the child with wait4 (its own rusage: peak RSS of that process alone)."""
+def _wait(proc: subprocess.Popen, timeout: Optional[float], heartbeat=None, load: Optional[list] = None):
+    """Reap the child with wait4 (its own rusage: peak RSS of that process alone).
+
+    ``load`` collects the machine's 1-minute load average every few seconds while the cell runs.
+    """
     start = time.monotonic()
     deadline = start + timeout if timeout else None
     next_beat = start + HEARTBEAT_S
+    next_load = start
     timed_out = False
     try:
         while True:
@@ -887,6 +896,10 @@ def _wait(proc: subprocess.Popen, timeout: Optional[float], heartbeat=None):
             if pid == proc.pid:
                 break
             now = time.monotonic()
+            if load is not None and now >= next_load:
+                with contextlib.suppress(OSError):
+                    load.append(os.getloadavg()[0])
+                next_load = now + 5.0
             if deadline and now > deadline:
                 timed_out = True
                 proc.kill()

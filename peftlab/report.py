@@ -285,6 +285,13 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
         lines.append("**Versions:** " + ", ".join(f"{k} {' / '.join(sorted(v))}" for k, v in vers.items()) + ".")
     if commits:
         lines.append("**Git commit:** " + ", ".join(sorted(commits)) + ".")
+    loads = [r["load_avg"] for r in s.ok if isinstance(r.get("load_avg"), dict)]
+    if loads:
+        cores = sorted({_get(r, "machine", "cores") for r in s.ok if _get(r, "machine", "cores")})
+        lines.append(f"**Machine load while the cells ran:** 1-minute load average {min(x['mean'] for x in loads):.1f}"
+                     f"–{max(x['mean'] for x in loads):.1f} (cell means; highest sample {max(x['max'] for x in loads):.1f})"
+                     f" on {'/'.join(map(str, cores))} cores. Times and throughput are only comparable between cells "
+                     f"that ran at a similar load.")
     planned = s.planned if s.planned is not None else len(s.ok) + len(s.failed)
     complete = not s.missing and not s.failed and not s.changed
     state = "complete" if complete else "**PARTIAL**"

@@ -2,8 +2,9 @@
 
 One small bench on the tiny random BERT (2 optimizer steps per cell, 96/48/48-sentence WNUT slices)
 is run once per module and inspected by several tests. Its cells: ``head`` (2 seeds), ``lora``,
-``ballast`` (a third-party method plugin that holds a 500 MiB tensor), ``broken`` (an unknown method)
-and ``baseline-trainer-lora`` (the plain transformers Trainer script, compared with ``lora``).
+``ballast`` (a third-party method plugin that holds a 500 MiB tensor), ``broken`` (an unknown method),
+``slow`` (stopped by its 2 s ``timeout_s``) and ``baseline-trainer-lora`` (the plain transformers
+Trainer script, compared with ``lora``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def bench(tmp_path_factory, tiny_bert, wnut_small):
             {"name": "lora", "method": lora},
             {"name": "ballast", "method": {"name": "ballast"}, "env": {"PYTHONPATH": str(plugins)}},
             {"name": "broken", "method": {"name": "no_such_method"}},
+            {"name": "slow", "method": {"name": "head"}, "timeout_s": 2},
             {"name": "baseline-trainer-lora", "method": lora, "script": str(BASELINE), "compare_to": "lora"},
         ],
         "quick": {"seeds": [1], "overrides": ["train.max_steps=2"]},
@@ -95,7 +97,7 @@ def records_by_cell(results: Path) -> dict:
 
 def test_quick_bench_writes_records_and_report(bench):
     s = bench["summary"]
-    expected = {"head-s1", "head-s2", "lora-s1", "ballast-s1", "broken-s1", "baseline-trainer-lora-s1"}
+    expected = {"head-s1", "head-s2", "lora-s1", "ballast-s1", "broken-s1", "slow-s1", "baseline-trainer-lora-s1"}
     assert set(s.ran) == expected, bench["log"].read_text()
     recs = records_by_cell(bench["results"])
     assert set(recs) == expected
@@ -114,6 +116,7 @@ def test_quick_bench_writes_records_and_report(bench):
         assert set(r["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
         assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
         assert "git" in r and "commit" in r["git"]
+        assert r["load_avg"]["samples"] >= 1 and r["load_avg"]["max"] >= r["load_avg"]["mean"] >= 0
         assert "train.seed=1" in r["overrides"] or "train.seed=2" in r["overrides"]
     assert recs["lora-s1"]["method"] == "lora" and recs["lora-s1"]["method_options"]["r"] == 4
     assert recs["baseline-trainer-lora-s1"]["kind"] == "baseline"
@@ -122,7 +125,7 @@ def test_quick_bench_writes_records_and_report(bench):
             == recs["lora-s1"]["params"]["trainable_params_without_head"])
     # the JSONL has only whole lines, one record each
     text = (bench["results"] / "results.jsonl").read_text()
-    assert text.endswith("\n") and len(text.splitlines()) == 6
+    assert text.endswith("\n") and len(text.splitlines()) == 7
     for name in ("report.md", "report.csv", "baseline_comparison.csv", "plan.json",
                  "test_f1_vs_trainable_params.png", "test_f1_vs_peak_memory.png"):
         assert (bench["results"] / name).is_file(), name
@@ -139,6 +142,9 @@ def test_failing_cell_is_recorded_with_its_error(bench):
     assert rec["error"].startswith("peftlab: error:") and "no_such_method" in rec["error"]
     md = (bench["results"] / "report.md").read_text()
     assert "## Failed cells" in md and "no_such_method" in md and "PARTIAL" in md
+    slow = records_by_cell(bench["results"])["slow-s1"]
+    assert slow["status"] == "failed" and slow["error"] == "timed out after 2s (timeout_s)"
+    assert slow["returncode"] == -9 and slow["cell_wall_s"] < 60
 
 
 def test_peak_memory_is_per_process(bench):
@@ -146,7 +152,7 @@ def test_peak_memory_is_per_process(bench):
     big, small = recs["ballast-s1"]["memory"], recs["head-s1"]["memory"]
     for key in ("peak_rss_bytes", "parent_peak_rss_bytes"):
         assert big[key] - small[key] > 0.8 * BALLAST_MIB * MIB, (key, big[key], small[key])
-    # the head cell that ran after the ballast cell does not inherit its peak
+    # the cell that ran after the ballast cell does not inherit its peak
     later = recs["baseline-trainer-lora-s1"]["memory"]
     assert later["parent_peak_rss_bytes"] < big["parent_peak_rss_bytes"] - 0.5 * BALLAST_MIB * MIB
     for r in recs.values():
@@ -202,11 +208,11 @@ def test_report_numbers_are_computed_from_the_jsonl(bench):
 
     with open(bench["results"] / "report.csv", newline="") as fh:
         rows = {row["config"]: row for row in csv.DictReader(fh)}
-    assert set(rows) == {"head", "lora", "ballast", "broken", "baseline-trainer-lora"}
+    assert set(rows) == {"head", "lora", "ballast", "broken", "slow", "baseline-trainer-lora"}
     assert rows["broken"]["seeds_ok"] == "0" and rows["head"]["seeds_ok"] == "2"
     headers, md_rows = parse_markdown_table((bench["results"] / "report.md").read_text())
     md = {row[0]: dict(zip(headers, row)) for row in md_rows}
-    assert list(md) == ["head", "lora", "ballast", "broken", "baseline-trainer-lora"]  # spec order
+    assert list(md) == ["head", "lora", "ballast", "broken", "slow", "baseline-trainer-lora"]  # spec order
     assert md["head"]["seeds"] == "2/2" and md["broken"]["seeds"] == "0/1"
 
     for config, group in by_config.items():
@@ -230,8 +236,9 @@ def test_report_header_and_baseline_comparison(bench):
     spec = bench["spec"]
     assert f"`peftlab bench {spec} --quick --results {bench['results']} --work {bench['work']}`" in md
     assert re.search(r"\*\*Machine:\*\* .+ \(\d+ cores", md)
+    assert re.search(r"\*\*Machine load while the cells ran:\*\* 1-minute load average [\d.]+–[\d.]+", md)
     assert "**Versions:** " in md and "torch " in md and "bitsandbytes " in md
-    assert "Cells:** 6 planned, 5 ok, 1 failed, 0 missing" in md
+    assert "Cells:** 7 planned, 5 ok, 2 failed, 0 missing" in md
     recs = records_by_cell(bench["results"])
     ours, base = recs["lora-s1"], recs["baseline-trainer-lora-s1"]
     with open(bench["results"] / "baseline_comparison.csv", newline="") as fh:
@@ -266,12 +273,13 @@ def test_rerun_does_no_training_and_reproduces_the_report(bench, tmp_path):
     assert main(["report", str(bench["results"] / "results.jsonl"), "--out", str(out)]) == 0
     for name in ("report.md", "report.csv", "test_f1_vs_trainable_params.png"):
         assert (out / name).read_bytes() == before[name], name
-    # without --skip-failed the failed cell (and only it) is tried again
+    # without --skip-failed the failed cells (and only they) are tried again
     with open(tmp_path / "log2", "w") as fh:
         retry = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"], out=fh)
-    assert retry.ran == ["broken-s1"] and retry.failed == ["broken-s1"]
-    assert {k: v for k, v in _log_mtimes(bench).items() if k != "broken-s1"} == {
-        k: v for k, v in mtimes.items() if k != "broken-s1"}
+    failed = ["broken-s1", "slow-s1"]
+    assert retry.ran == failed and retry.failed == failed
+    assert {k: v for k, v in _log_mtimes(bench).items() if k not in failed} == {
+        k: v for k, v in mtimes.items() if k not in failed}
     assert _snapshot(bench)["report.md"] == before["report.md"]
 
 
