@@ -53,4 +53,8 @@ def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check
             labels=len(task.labels),
         )
     summary["backbone"] = resolve_backbone(r.backbone)
+    if r.backbone.quantization != "none":  # bitsandbytes installed? (train would fail at model load)
+        from .backbones import quantization_config
+
+        quantization_config(r.backbone, [])
     return summary
