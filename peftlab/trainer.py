@@ -344,11 +344,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         if bad:
             last = latest_checkpoint(ckpt_dir)
             bar.close()  # the error is the last line the user sees
-            raise TrainingError(
+            message = (
                 f"train: weights became non-finite (nan/inf in {bad[0]}) at step {state['step']} "
                 f"(epoch {state['epoch'] + 1}); {what} not saved, training stopped. Last good checkpoint: "
                 f"{last or 'none yet'}. Lower train.lr or check the data"
             )
+            _record_failure(message)
+            raise TrainingError(message)
 
     def checkpoint() -> None:
         check_finite("checkpoint")
@@ -359,8 +361,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         if main:
             folder = ckpt_dir / f"step-{state['step']:06d}"
             extra = {"scheduler": scheduler.state_dict(), "loss_pending": pending}
-            save_checkpoint(folder, trainable_state(), optimizer, rng, {**state, **extra},
-                            best_file=ckpt_dir / BEST_DIR / "trainable.safetensors")
+            try:
+                save_checkpoint(folder, trainable_state(), optimizer, rng, {**state, **extra},
+                                best_file=ckpt_dir / BEST_DIR / "trainable.safetensors")
+            except OSError as exc:  # full disk, quota, permissions: the previous checkpoint is intact
+                bar.close()
+                raise _write_failure(exc, folder, f"training stopped at step {state['step']}", ckpt_dir) from None
             prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -428,11 +434,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
                     bar.close()  # the error is the last line the user sees
                     value = loss.item()
                     what = f"loss is {value}" if not math.isfinite(value) else "another process's loss is not finite"
-                    raise TrainingError(
+                    message = (
                         f"train: {what} at step {state['step'] + 1} (epoch {epoch + 1}); "
                         f"training stopped. Last good checkpoint: {last or 'none yet'}. "
                         f"Lower train.lr or check the data"
                     )
+                    _record_failure(message)
+                    raise TrainingError(message)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
@@ -543,19 +551,39 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         "train_loss": state.get("loss_log", []),
     }
     if main:
-        with atomic_dir(run_dir / MODEL_DIR) as tmp:
-            method.save(unwrapped(), tmp, ctx)
-            tokenizer.save_pretrained(str(tmp))
-            write_method_file(tmp, method, recipe, task.labels, ctx.head_names)
-        params["model_dir_bytes"] = sum(f.stat().st_size for f in (run_dir / MODEL_DIR).rglob("*") if f.is_file())
-        write_json(run_dir / "params.json", params)
-        write_json(run_dir / "resources.json", resources)
-        write_json(run_dir / "metrics.json", results)  # last: marks the run as complete
+        try:
+            with atomic_dir(run_dir / MODEL_DIR) as tmp:
+                method.save(unwrapped(), tmp, ctx)
+                tokenizer.save_pretrained(str(tmp))
+                write_method_file(tmp, method, recipe, task.labels, ctx.head_names)
+            params["model_dir_bytes"] = sum(f.stat().st_size for f in (run_dir / MODEL_DIR).rglob("*") if f.is_file())
+            write_json(run_dir / "params.json", params)
+            write_json(run_dir / "resources.json", resources)
+            write_json(run_dir / "metrics.json", results)  # last: marks the run as complete
+        except OSError as exc:
+            raise _write_failure(exc, run_dir, "training finished but its results were not saved", ckpt_dir) from None
         log.info("done: %s (dev %s %.4f at epoch %s%s)", run_dir, metric, state["best"], state["best_epoch"],
                  f"; test {metric} {test_metrics[metric]:.4f}" if test_metrics else "")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _record_failure(message: str) -> None:
+    """Note in train.log why training stopped (stderr shows it once, as the CLI's error line)."""
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s", (message,), None))
+
+
+def _write_failure(exc: OSError, target: Path, what: str, ckpt_dir: Path) -> TrainingError:
+    last = latest_checkpoint(ckpt_dir)
+    message = (
+        f"output.dir: cannot write {target} ({exc.strerror or exc}); {what}. Last good checkpoint: "
+        f"{last or 'none'}; free space (or fix permissions) and continue with --resume"
+    )
+    _record_failure(message)
+    return TrainingError(message)
 
 
 def _write_best(folder: Path, tensors: dict[str, torch.Tensor], state: dict, metric: str) -> None:

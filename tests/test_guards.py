@@ -48,6 +48,7 @@ def test_inf_loss_stops_with_step_number_exit_3_and_keeps_last_checkpoint(tiny_b
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000004", "step-000006"]
     assert_good_checkpoint(run / "checkpoints" / "step-000006")
     assert not (run / "metrics.json").exists() and not (run / "model").exists()
+    assert "stopped: train: loss is inf at step 7 (epoch 2)" in (run / "train.log").read_text()
     # the run can be resumed from that checkpoint once the cause is fixed (here: no more injected fault)
     res = run_cli("train", str(recipe), "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -103,6 +104,38 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tiny_bert, wnut_smal
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000002"]
     assert_good_checkpoint(run / "checkpoints" / "step-000002")
     assert not (run / "metrics.json").exists() and not (run / "model").exists()
+
+
+def test_full_disk_while_checkpointing_stops_cleanly_and_resumes(tiny_bert, wnut_small, tmp_path, monkeypatch):
+    """Writing checkpoint step-4 fails with ENOSPC: exit-3 error naming the folder and the last good
+    checkpoint, no partial folder left; once there is space again, --resume finishes the run."""
+    import peftlab.checkpoint as checkpoint
+
+    real_save_file = checkpoint.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if ".tmp-step-000004." in str(filename) and str(filename).endswith("optimizer.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    run = tmp_path / "run"
+    recipe = ner_recipe(tiny_bert, wnut_small, run, LORA, checkpoint_every=2, num_threads=1)
+    with pytest.raises(TrainingError) as info:
+        peftlab.train(recipe)
+    ckpts = run / "checkpoints"
+    assert str(info.value) == (
+        f"output.dir: cannot write {ckpts / 'step-000004'} (No space left on device); training stopped at step 4. "
+        f"Last good checkpoint: {ckpts / 'step-000002'}; free space (or fix permissions) and continue with --resume"
+    )
+    assert info.value.exit_code == 3
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # no partial step-000004, no temporary
+    assert not (run / "metrics.json").exists()
+    assert "stopped: output.dir: cannot write" in (run / "train.log").read_text()
+
+    monkeypatch.undo()  # space again
+    metrics = peftlab.train(recipe, resume=True)
+    assert metrics["steps"] == 6 and (run / "metrics.json").is_file()
 
 
 def test_multi_gpu_launch_on_cpu_without_process_group_is_stopped(tiny_bert, wnut_small, tmp_path):
