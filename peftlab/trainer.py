@@ -384,7 +384,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
             check_finite("best model")
             state.update(best=value, best_step=state["step"], best_epoch=state["epoch"] + 1, bad_evals=0)
             if main:
-                _write_best(ckpt_dir / BEST_DIR, trainable_state(), state, metric)
+                try:
+                    _write_best(ckpt_dir / BEST_DIR, trainable_state(), state, metric)
+                except OSError as exc:
+                    bar.close()
+                    raise _write_failure(exc, ckpt_dir / BEST_DIR, f"training stopped at step {state['step']}",
+                                         ckpt_dir) from None
             accelerator.wait_for_everyone()
         else:
             state["bad_evals"] += 1
