@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from safetensors import safe_open
 import peftlab
 from conftest import cls_recipe, ner_recipe
 from peftlab import cli
-from peftlab import merge as merge_mod
 from peftlab.errors import PeftlabError, VerificationError
 from peftlab.runs import load_run
+
+
+merge_mod = importlib.import_module("peftlab.merge")  # the module (peftlab.merge may name the function)
 
 
 def read(path: Path) -> dict:

@@ -23,8 +23,27 @@ def read_sentences(path: str, n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ner_run(tiny_bert, wnut_small, tmp_path_factory) -> Path:
+    """A LoRA NER run whose head is then biased towards person tags, so that the tiny random model
+    tags entities (a 2-layer random BERT trained for seconds predicts only O) - saved back with the
+    method's own save, like any run."""
+    import torch
+
+    from peftlab.runs import load_run
+
     out = tmp_path_factory.mktemp("predict-runs") / "lora_ner"
-    peftlab.train(ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4, "alpha": 8}, epochs=4, lr=2e-2))
+    peftlab.train(ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4, "alpha": 8}, epochs=2, lr=1e-2))
+    run = load_run(out)
+    labels = run.task.labels
+    bias = next(p for n, p in run.model.named_parameters() if n.endswith("classifier.modules_to_save.default.bias"))
+    words = [w for s in read_sentences(wnut_small["train"], 40) for w in s.split()][:100]
+    enc = run.tokenizer([words], is_split_into_words=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        logits = run.model(**enc).logits[0]
+        o = labels.index("O")
+        for tag in ("B-person", "I-person"):
+            t = labels.index(tag)
+            bias[t] += float((logits[:, o] - logits[:, t]).median())  # about half the words lean to this tag
+    run.method.save(run.model, out / "model", run.ctx)
     return out
 
 
@@ -111,7 +130,7 @@ def test_predict_input_errors(ner_merged, tmp_path, capsys):
 
 def test_classification_predict_run_and_merged(tiny_bert, banking_small, tmp_path, capsys):
     run = tmp_path / "cls"
-    peftlab.train(cls_recipe(tiny_bert, banking_small, run, {"name": "lora", "r": 4}, epochs=3, lr=1e-2))
+    peftlab.train(cls_recipe(tiny_bert, banking_small, run, {"name": "lora", "r": 4}, epochs=1, lr=1e-2))
     merged = tmp_path / "cls-merged"
     merge(run, merged, verify_examples=16, eval_split="none")
     texts = ["my card has not arrived yet", "what is the exchange rate", "top up failed", "how old do I need to be"]
@@ -121,7 +140,7 @@ def test_classification_predict_run_and_merged(tiny_bert, banking_small, tmp_pat
     for ra, rb in zip(a, b):
         assert ra["label"] in labels and 0 < ra["probability"] <= 1
         assert ra["probability"] == pytest.approx(rb["probability"], abs=1e-5)
-    assert cli.main(["predict", str(merged), "--top-k", "3", texts[0]]) == 0
+    assert cli.main(["predict", str(merged), texts[0], "--top-k", "3"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["label"] == row["top"][0]["label"] and len(row["top"]) == 3
     assert row["top"][0]["probability"] >= row["top"][1]["probability"] >= row["top"][2]["probability"]
