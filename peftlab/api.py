@@ -58,3 +58,28 @@ def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check
 
         quantization_config(r.backbone, [])
     return summary
+
+
+def merge(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **options: Any) -> dict:
+    """Merge a finished run into a verified plain-transformers checkpoint; returns verify.json.
+
+    Options: dtype, verify_examples, atol, min_agreement, eval_split, quantized_base, overwrite
+    (see peftlab.merge.merge). Raises VerificationError (nothing written) when the check fails.
+    """
+    from .merge import merge as _merge
+
+    return _merge(run_dir, out, **options)
+
+
+def export(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **options: Any) -> dict:
+    """Package any run (adapter weights + config + base reference) for predict; returns verify.json."""
+    from .merge import export as _export
+
+    return _export(run_dir, out, **options)
+
+
+def predict(model_dir: Any, texts: Any, **options: Any) -> list[dict]:
+    """Predictions for texts from a run folder, an export or a merged checkpoint (peftlab.predict)."""
+    from .predict import predict as _predict
+
+    return _predict(model_dir, texts, **options)
