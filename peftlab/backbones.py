@@ -129,13 +129,14 @@ def load_tokenizer(cfg: BackboneConfig, path: Optional[str] = None) -> Any:
 
 
 def compute_dtype(cfg: BackboneConfig, device: Optional[torch.device] = None) -> torch.dtype:
-    """nf4/fp4 compute dtype. auto = bfloat16 on a CUDA device that supports it, float32 otherwise
-    (CPUs: bitsandbytes' CPU kernels run bf16 ~9x slower than fp32 here, and many CPUs lack bf16)."""
+    """nf4/fp4 compute dtype. auto = bfloat16 on a CUDA device that supports it, float16 on older
+    CUDA GPUs (QLoRA's choice there), float32 on CPUs and other devices (bitsandbytes' CPU kernels
+    run bf16 ~9x slower than fp32 here, and many CPUs lack bf16)."""
     if cfg.compute_dtype != "auto":
         return getattr(torch, cfg.compute_dtype)
     device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 

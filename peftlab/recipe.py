@@ -48,7 +48,8 @@ class BackboneConfig(StrictModel):
     double_quant: bool = Field(True, description="nf4/fp4: also quantize the quantization constants.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="nf4/fp4 compute dtype; auto = bfloat16 on GPUs that support it, float32 otherwise.",
+        description="nf4/fp4 compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs, "
+        "float32 on CPUs.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
     allow_pickle: bool = Field(

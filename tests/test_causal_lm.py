@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -228,17 +229,30 @@ def test_lora_run_learns_and_writes_generation_metrics(lora_gen_run):
     assert read(out / "params.json")["peft_count"]["trainable"] == read(out / "params.json")["trainable_params"]
 
 
-def test_load_run_generates_what_evaluation_scored(lora_gen_run):
+def assert_reload_scores_the_same(out: Path, metrics: dict) -> Any:
+    """load_run rebuilds the best model: the same teacher-forced test loss, and generate() works.
+
+    (Generated text is compared only where the model is confident: a random tiny model's logits are
+    near-ties that batch composition alone can flip.)"""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
     from peftlab.runs import load_run
 
-    out, metrics = lora_gen_run
     run = load_run(out)
-    samples = metrics["test"]["samples"]
-    preds = run.task.generate(run.model, run.tokenizer, [s["prompt"] for s in samples], templated=False)
-    assert preds == [s["prediction"] for s in samples]
-    # a bare string fills the prompt template's single field
-    one = run.task.generate(run.model, run.tokenizer, [samples[0]["prompt"][len("Query: "):-len("\nIntent:")]])
-    assert one == [samples[0]["prediction"]]
+    task, tok = run.task, run.tokenizer
+    enc = task.encode(task.load_splits().test, tok, "test").sorted_by_length()
+    again = task.evaluate(run.model, DataLoader(enc, batch_size=32, collate_fn=task.collator(tok)), Accelerator(), enc)
+    assert again["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
+    assert again["completion_tokens"] == metrics["test"]["completion_tokens"]
+    preds = task.generate(run.model, tok, [s["prompt"] for s in metrics["test"]["samples"]], templated=False)
+    assert len(preds) == 8 and all(isinstance(p, str) for p in preds)
+    return run
+
+
+def test_load_run_scores_what_training_scored(lora_gen_run):
+    out, metrics = lora_gen_run
+    assert_reload_scores_the_same(out, metrics)
 
 
 def _constant_files(tmp_path, banking_small):
@@ -267,12 +281,15 @@ LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
                                     {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": LORA_ALL}])
 def test_learned_completion_is_generated_exactly(method, tiny_llama, banking_small, tmp_path):
     files = _constant_files(tmp_path, banking_small)
-    recipe = gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=6, batch_size=16,
+    recipe = gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=10, batch_size=16,
                         gradient_checkpointing=method["name"] == "full")
     metrics = peftlab.train(recipe)
     assert metrics["test"]["exact_match"] == 1.0, metrics["test"]["samples"][:3]
     assert metrics["test"]["token_f1"] == 1.0
     assert all(s["prediction"] == "yes" for s in metrics["test"]["samples"])
+    run = assert_reload_scores_the_same(tmp_path / "run", metrics)
+    # prediction from the reloaded run: a bare string fills the template's single field, a dict its columns
+    assert run.task.generate(run.model, run.tokenizer, ["Where is my card?", {"text": "I lost my PIN"}]) == ["yes", "yes"]
 
 
 def test_metric_selection(tiny_llama, banking_small, tmp_path):
@@ -281,3 +298,99 @@ def test_metric_selection(tiny_llama, banking_small, tmp_path):
     assert task.check_metric(recipe.train.metric) == "token_f1" and task.metric_mode("perplexity") == "min"
     with pytest.raises(PeftlabError, match="train.metric: 'accuracy' is not a metric of task causal_lm"):
         task.check_metric("accuracy")
+
+
+# ------------------------------------------------------------------ prefix, QLoRA, int8 (tiny model)
+
+
+def _built(tiny_llama, banking_small, tmp_path, method, quantization="none"):
+    from peftlab.backbones import load_tokenizer
+    from peftlab.runs import build_model
+
+    r = gen_recipe(tiny_llama, banking_small, tmp_path / "b", method)
+    r["backbone"]["quantization"] = quantization
+    recipe = recipe_from_dict(r)
+    task = get_task_class("causal_lm")(recipe)
+    tok = load_tokenizer(recipe.backbone)
+    device = torch.device("cpu") if quantization != "none" else None
+    return task, tok, build_model(recipe, task, tok, device=device).model
+
+
+@pytest.mark.parametrize("method,quantization", [({"name": "prefix", "num_virtual_tokens": 4, "init_std": 0.5}, "none"),
+                                                 ({"name": "lora", "r": 4}, "nf4")])
+def test_loss_through_prefix_and_qlora_matches_full_logits(method, quantization, tiny_llama, banking_small, tmp_path):
+    task, tok, model = _built(tiny_llama, banking_small, tmp_path, method, quantization)
+    batch = task.collator(tok)(task.encode(EXAMPLES, tok, "train").features)
+    model.eval()
+    with torch.no_grad():
+        loss = task.training_loss(model, batch)
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+    assert torch.allclose(loss, reference, atol=1e-5)
+    if method["name"] == "prefix":  # the prefix really takes part in the loss
+        from peftlab.methods.prefix import prefix_disabled
+
+        with torch.no_grad(), prefix_disabled(model):
+            bare = task.training_loss(model, batch)
+        assert not torch.allclose(loss, bare, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,quantization", [({"name": "prefix", "num_virtual_tokens": 4}, "none"),
+                                                 ({"name": "lora", "r": 4}, "nf4")])
+def test_prefix_and_qlora_train_and_reload(method, quantization, tiny_llama, banking_small, tmp_path):
+    from peftlab.runs import load_run
+
+    out = tmp_path / "run"
+    files = _constant_files(tmp_path, banking_small)  # the same target every batch: a clean loss trend
+    r = gen_recipe(tiny_llama, files, out, method, lr=3e-2, max_steps=6, log_every=1)
+    r["backbone"]["quantization"] = quantization
+    metrics = peftlab.train(r)
+    losses = [l for _, l in metrics["train_loss"]]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    params = read(out / "params.json")
+    if quantization != "none":
+        assert params["trainable_params"] == params["peft_count"]["trainable"]
+    assert_reload_scores_the_same(out, metrics)
+
+
+def test_untrained_generation_script(tiny_llama, banking_small, tmp_path):
+    import importlib.util
+
+    import yaml
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("untrained", ROOT / "benchmarks" / "baselines" / "untrained_generation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(gen_recipe(tiny_llama, banking_small, tmp_path / "run", {"name": "lora"})))
+    assert mod.main([str(recipe), "data.max_new_tokens=3", "--out", str(tmp_path / "u.json")]) == 0
+    m = read(tmp_path / "u.json")
+    assert m["examples"] == 60 and 0 <= m["exact_match"] <= 1 and m["loss"] > 0 and len(m["samples"]) == 8
+
+
+def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
+    """The completion-only loss through DDP (gradient sync) and the sharded generation gathered back
+    in order: both ranks end with the same weights and every test example is scored once."""
+    import yaml
+
+    from test_ddp import launch
+
+    out = tmp_path / "run"
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(gen_recipe(tiny_llama, banking_small, out, {"name": "lora", "r": 4},
+                                                lr=1e-2, batch_size=8, eval_batch_size=16, num_threads=1)))
+    res = launch(recipe, {"ACCELERATE_USE_CPU": "1"}, "train.max_steps=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    resources = read(out / "resources.json")
+    assert resources["processes"] == 2
+    fps = resources["rank_weight_fingerprints"]
+    assert fps[0] == fps[1]
+    metrics = read(out / "metrics.json")
+    assert metrics["test"]["examples"] == 60 and metrics["dev"]["examples"] == 24
+    # 60 test rows over 2 ranks x 16 per batch: the last batch is padded by duplicates, which the
+    # gathered loss must not count: completion tokens == those of the 60 rows, counted here
+    task = get_task_class("causal_lm")(recipe_from_dict(yaml.safe_load(recipe.read_text())))
+    enc = task.encode(task.load_splits().test, tokenizer_of(tiny_llama), "test")
+    assert metrics["test"]["completion_tokens"] == sum(sum(1 for x in f["labels"] if x != -100) for f in enc.features)

@@ -166,6 +166,7 @@ def test_bfloat16_merge_is_a_dtype_change(lora_ner, tmp_path):
     {"name": "full"},
     {"name": "head", "unfreeze_last_layers": 1},
     {"name": "lora", "r": 4, "use_dora": True},
+    {"name": "ia3"},
 ])
 def test_merge_other_methods_classification(tiny_bert, banking_small, tmp_path, method):
     from transformers import AutoModelForSequenceClassification, pipeline
@@ -260,3 +261,14 @@ def test_merge_nf4_qlora_reports_the_gap(tiny_bert, wnut_small, tmp_path):
             # dequantized weights are what the adapter was trained on: a much smaller gap than a reload
             assert report["max_abs_logit_diff"] < gap_reload
             assert report["max_abs_logit_diff"] < 1e-3
+
+
+def test_merge_int8_lora(tiny_bert, banking_small, tmp_path):
+    run = tmp_path / "int8"
+    recipe = cls_recipe(tiny_bert, banking_small, run, {"name": "lora", "r": 4}, epochs=1, lr=1e-2)
+    recipe["backbone"]["quantization"] = "int8"
+    peftlab.train(recipe)
+    report = merge_mod.merge(run, tmp_path / "m", quantized_base="dequantize", verify_examples=24)
+    assert report["kind"] == "from_quantized" and report["quantization"] == "int8" and report["passed"]
+    assert report["metrics"]["metric"] == "accuracy" and "accuracy" in report["metrics"]["merged"]
+    assert report["agreement"] >= 0.9 and report["max_abs_logit_diff"] < 0.5
