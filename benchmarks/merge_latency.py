@@ -21,7 +21,6 @@ command that reproduces it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -236,7 +235,7 @@ def markdown(report: dict) -> str:
         f"- merge verification: {report['merge_verification']['kind']}, max |Δlogit| "
         f"{report['merge_verification']['max_abs_logit_diff']:.3g}, agreement "
         f"{100 * report['merge_verification']['agreement']:.2f}% on {report['merge_verification']['examples']} examples",
-        f"- parameters: " + ", ".join(f"{k} {v:,}" for k, v in report["parameters"].items()),
+        "- parameters: " + ", ".join(f"{k} {v:,}" for k, v in report["parameters"].items()),
         f"- inputs: WNUT-17 test sentences; batch 1 cycles over {report['inputs'].get('1', {}).get('calls_cycle_over', '-')} "
         f"single sentences, batch 32 is the first 32 sentences padded to "
         f"{report['inputs'].get('32', {}).get('padded_length', ['-'])[0]} tokens",

@@ -338,8 +338,6 @@ def test_loss_through_prefix_and_qlora_matches_full_logits(method, quantization,
 @pytest.mark.parametrize("method,quantization", [({"name": "prefix", "num_virtual_tokens": 4}, "none"),
                                                  ({"name": "lora", "r": 4}, "nf4")])
 def test_prefix_and_qlora_train_and_reload(method, quantization, tiny_llama, banking_small, tmp_path):
-    from peftlab.runs import load_run
-
     out = tmp_path / "run"
     files = _constant_files(tmp_path, banking_small)  # the same target every batch: a clean loss trend
     r = gen_recipe(tiny_llama, files, out, method, lr=3e-2, max_steps=6, log_every=1)

@@ -20,7 +20,6 @@ word that gets no sub-token (an emoji, a truncated tail) counts as predicted ``O
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -51,6 +50,7 @@ from peftlab.atomicio import write_json, write_text
 from peftlab.backbones import resolve_backbone
 from peftlab.data import load_splits
 from peftlab.errors import PeftlabError
+from peftlab.tasks.token_classification import sort_tags  # the same label order as peftlab
 from peftlab.recipe import load_recipe
 
 IMPLEMENTATION = "transformers.Trainer (benchmarks/baselines/trainer_baseline.py)"
@@ -101,15 +101,6 @@ class TrainTime(TrainerCallback):
         self.counter.training = False
 
 
-def ner_label_order(tags: set) -> list:
-    def key(tag: str):
-        if tag == "O":
-            return (0, "", "")
-        prefix, _, kind = tag.partition("-")
-        return (1, kind or prefix, prefix)
-
-    return sorted(tags, key=key)
-
 
 def main(argv: list[str]) -> int:
     resume = "--resume" in argv
@@ -142,7 +133,7 @@ def main(argv: list[str]) -> int:
         raise PeftlabError(f"{recipe.source}: task: the Trainer baseline implements token and sequence classification")
     splits = load_splits(data_cfg, columns, kind)
     if ner:
-        label_list = ner_label_order({t for ex in splits.train for t in ex[columns[1]]})
+        label_list = sort_tags({t for ex in splits.train for t in ex[columns[1]]})
     else:
         label_list = sorted({str(ex[columns[1]]) for ex in splits.train})
     label2id = {label: i for i, label in enumerate(label_list)}

@@ -113,6 +113,16 @@ class Method:
         )
 
 
+def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
+    """peft's k-bit preparation (fp32 norms, input gradients) when the backbone is quantized; a no-op
+    otherwise. Methods that train added parameters on int8/nf4/fp4 backbones call it first."""
+    if ctx.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
 def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``'s parameters by name; every key must match a parameter."""
     params = dict(model.named_parameters())

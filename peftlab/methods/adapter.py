@@ -33,7 +33,7 @@ from torch import nn
 
 from ..backbones import find_layers
 from ..errors import PeftlabError
-from . import Method, MethodContext, register_method
+from . import Method, MethodContext, prepare_quantized, register_method
 
 # Candidate names, relative to one transformer layer, tried in order (first match wins).
 ATTENTION_OUTPUT_CANDIDATES = (
@@ -178,14 +178,6 @@ def add_adapters(model: nn.Module, options: AdapterOptions) -> list[str]:
     return adapted
 
 
-def prepare_kbit(model: Any, ctx: MethodContext) -> Any:
-    """peft's k-bit preparation (fp32 norms, input gradients) for quantized backbones."""
-    if ctx.quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
-
 
 @register_method
 class Adapter(Method):
@@ -196,7 +188,7 @@ class Adapter(Method):
     supports_quantization = True
 
     def apply(self, model: Any, ctx: MethodContext) -> Any:
-        model = prepare_kbit(model, ctx)
+        model = prepare_quantized(model, ctx)
         for p in model.parameters():
             p.requires_grad_(False)
         add_adapters(model, self.options)

@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import Method, MethodContext, register_method
+from . import Method, MethodContext, prepare_quantized, register_method
 
 PEFT_TASK_TYPES = {
     "token_classification": "TOKEN_CLS",
@@ -28,14 +28,6 @@ class LoraOptions(BaseModel):
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r).")
 
-
-def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
-    """peft's k-bit preparation (fp32 norms, input grads) for quantized backbones."""
-    if ctx.quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
 
 
 @register_method

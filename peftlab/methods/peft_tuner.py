@@ -42,8 +42,8 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from ..errors import PeftlabError
-from . import Method, MethodContext, register_method, register_unavailable
-from .lora import PEFT_TASK_TYPES, prepare_quantized
+from . import Method, MethodContext, prepare_quantized, register_method, register_unavailable
+from .lora import PEFT_TASK_TYPES
 
 
 @dataclass(frozen=True)

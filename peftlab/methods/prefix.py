@@ -46,8 +46,7 @@ from torch import nn
 
 from ..backbones import find_layers
 from ..errors import PeftlabError
-from . import STATE_FILE, Method, MethodContext, load_trainable_state, register_method
-from .adapter import prepare_kbit
+from . import STATE_FILE, Method, MethodContext, load_trainable_state, prepare_quantized, register_method
 
 PREFIX_IMPLEMENTATION = "peftlab_prefix"
 ENCODER_NAME = "peftlab_prefix"
@@ -389,7 +388,7 @@ class Prefix(Method):
     supports_quantization = True
 
     def _apply(self, model: Any, ctx: MethodContext, options: PrefixOptions) -> Any:
-        model = prepare_kbit(model, ctx)
+        model = prepare_quantized(model, ctx)
         for p in model.parameters():
             p.requires_grad_(False)
         add_prefix(model, options)
