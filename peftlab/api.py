@@ -83,3 +83,20 @@ def predict(model_dir: Any, texts: Any, **options: Any) -> list[dict]:
     from .predict import predict as _predict
 
     return _predict(model_dir, texts, **options)
+
+
+def bench(spec: Union[str, os.PathLike], **options: Any) -> Any:
+    """Run a benchmark spec (one process per cell, resumable) and write its report (peftlab.bench).
+
+    Options: quick, only, resume, skip_failed, keep_changed, results_dir, work_dir, list_only, report.
+    """
+    from .bench import run_bench
+
+    return run_bench(spec, **options)
+
+
+def report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
+    """Markdown/CSV/PNG report of a bench's results JSONL (peftlab.report)."""
+    from .report import write_report
+
+    return write_report(results, out_dir)

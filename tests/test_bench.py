@@ -273,6 +273,14 @@ def test_rerun_does_no_training_and_reproduces_the_report(bench, tmp_path):
     assert main(["report", str(bench["results"] / "results.jsonl"), "--out", str(out)]) == 0
     for name in ("report.md", "report.csv", "test_f1_vs_trainable_params.png"):
         assert (out / name).read_bytes() == before[name], name
+    # ...and so do the plain Python calls
+    from peftlab.api import bench as api_bench, report as api_report
+
+    api_report(bench["results"] / "results.jsonl", tmp_path / "report2")
+    assert (tmp_path / "report2" / "report.md").read_bytes() == before["report.md"]
+    with open(tmp_path / "log1", "w") as fh:
+        assert api_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"],
+                         skip_failed=True, out=fh).ran == []
     # without --skip-failed the failed cells (and only they) are tried again
     with open(tmp_path / "log2", "w") as fh:
         retry = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"], out=fh)
