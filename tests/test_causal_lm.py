@@ -392,3 +392,20 @@ def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
     task = get_task_class("causal_lm")(recipe_from_dict(yaml.safe_load(recipe.read_text())))
     enc = task.encode(task.load_splits().test, tokenizer_of(tiny_llama), "test")
     assert metrics["test"]["completion_tokens"] == sum(sum(1 for x in f["labels"] if x != -100) for f in enc.features)
+
+
+def test_predict_and_merge_a_generation_run(tiny_llama, banking_small, tmp_path):
+    """`peftlab predict` on a generation run (prompt in, completion out), then on its verified merge."""
+    from peftlab.api import merge, predict
+
+    files = _constant_files(tmp_path, banking_small)
+    method = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": LORA_ALL}
+    peftlab.train(gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=10, batch_size=16))
+    texts = ["Where is my card?", "I lost my PIN"]
+    rows = predict(tmp_path / "run", texts)
+    assert [r["completion"] for r in rows] == ["yes", "yes"] and [r["text"] for r in rows] == texts
+    report = merge(tmp_path / "run", tmp_path / "merged", verify_examples=8)
+    assert report["passed"] and report["kind"] == "exact" and report["agreement"] == 1.0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # the merged folder is a plain causal LM checkpoint; the run's prompt template travels with it
+    assert [r["completion"] for r in predict(tmp_path / "merged", texts)] == ["yes", "yes"]

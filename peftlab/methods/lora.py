@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import Method, MethodContext, prepare_quantized, register_method
@@ -69,4 +70,21 @@ class Lora(Method):
         return PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False)
 
     def merge(self, model: Any) -> Any:
+        untie_adapted_output_embeddings(model)
         return model.merge_and_unload()
+
+
+def untie_adapted_output_embeddings(model: Any) -> None:
+    """An adapted output layer (e.g. ``lm_head`` in target_modules) whose weight is tied to the input
+    embeddings would, once merged, change the embeddings too: give it its own copy first, and record
+    in the config that the merged checkpoint's weights are no longer tied."""
+    base = model.get_base_model()
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    layer = getattr(out, "base_layer", None)  # a LoRA-wrapped output layer
+    if layer is None or emb is None or layer.weight is not emb.weight:
+        return
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    for cfg in (base.config, getattr(base.config, "get_text_config", lambda: None)()):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
