@@ -189,3 +189,13 @@ def pickle_bert(tiny_bert, tmp_path_factory) -> Path:
             shutil.copy(f, out / f.name)
     torch.save(load_file(str(tiny_bert / "model.safetensors")), out / "pytorch_model.bin")
     return out
+
+
+def rescore_test(run) -> dict:
+    """The test-split metrics of a loaded run (``peftlab.runs.load_run``), computed again by its task."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    enc = run.task.encode(run.task.load_splits().test, run.tokenizer, "test")
+    dl = DataLoader(enc, batch_size=16, collate_fn=run.task.collator(run.tokenizer))
+    return run.task.evaluate(run.model, dl, Accelerator(cpu=True), enc)

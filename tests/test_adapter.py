@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from conftest import cls_recipe, ner_recipe
+from conftest import cls_recipe, ner_recipe, rescore_test
 from peftlab.errors import PeftlabError
 from peftlab.methods import MethodContext, get_method_class
 from peftlab.methods.adapter import AdapterOptions, add_adapters
@@ -203,14 +203,8 @@ def test_adapter_saved_as_safetensors_and_reloads_identically(adapter_ner_run):
 
 
 def test_adapter_test_metric_recomputed_from_saved_model(adapter_ner_run):
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
     out, metrics = adapter_ner_run
-    run = load_run(out)
-    enc = run.task.encode(run.task.load_splits().test, run.tokenizer, "test")
-    dl = DataLoader(enc, batch_size=16, collate_fn=run.task.collator(run.tokenizer))
-    again = run.task.evaluate(run.model, dl, Accelerator(cpu=True), enc)
+    again = rescore_test(load_run(out))
     assert again["f1"] == pytest.approx(metrics["test"]["f1"], abs=1e-9)
     assert again["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftlab
-from conftest import cls_recipe, minilm_path, ner_recipe
+from conftest import cls_recipe, minilm_path, ner_recipe, rescore_test
 from peftlab.backbones import compute_dtype, load_model, unquantized_modules
 from peftlab.recipe import BackboneConfig
 from peftlab.runs import _numel, load_run
@@ -165,13 +165,7 @@ def test_quantized_lora_trains_and_reloads_identically(tiny_bert, wnut_small, tm
         b = load_run(out).model(**batch).logits
     assert torch.equal(a, b)
     # the best model that was tested is the one that was saved: same test F1 from the reloaded run
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
-    splits = run.task.load_splits()
-    enc = run.task.encode(splits.test, run.tokenizer, "test")
-    dl = DataLoader(enc, batch_size=16, collate_fn=run.task.collator(run.tokenizer))
-    again = run.task.evaluate(run.model, dl, Accelerator(cpu=True), enc)
+    again = rescore_test(run)
     assert again["f1"] == pytest.approx(metrics["test"]["f1"], abs=1e-9)
     assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
 

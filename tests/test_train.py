@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from conftest import cls_recipe, ner_recipe
+from conftest import cls_recipe, ner_recipe, rescore_test
 from peftlab.errors import PeftlabError
 from peftlab.runs import load_run
 
@@ -92,15 +92,8 @@ def test_saved_adapter_includes_head_and_reloads_identically(lora_run, wnut_smal
 
 def test_real_test_metric_recomputed_from_saved_model(lora_run):
     """The test F1 in metrics.json is what the saved model scores (the best model was restored)."""
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
     out, metrics = lora_run
-    run = load_run(out)
-    splits = run.task.load_splits()
-    enc = run.task.encode(splits.test, run.tokenizer, "test")
-    dl = DataLoader(enc, batch_size=16, collate_fn=run.task.collator(run.tokenizer))
-    again = run.task.evaluate(run.model, dl, Accelerator(cpu=True), enc)
+    again = rescore_test(load_run(out))
     assert again["f1"] == pytest.approx(metrics["test"]["f1"], abs=1e-9)
     assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
 
