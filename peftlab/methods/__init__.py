@@ -123,6 +123,23 @@ def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
     return model
 
 
+def merge_peft_model(model: Any) -> Any:
+    """``merge_and_unload`` of a peft model. An adapted output layer (e.g. ``lm_head`` in
+    target_modules) whose weight is tied to the input embeddings would, once merged, change the
+    embeddings too: it gets its own copy first, and the config records that the merged checkpoint's
+    weights are no longer tied."""
+    base = model.get_base_model()
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    layer = getattr(out, "base_layer", None)  # an adapter-wrapped output layer
+    if layer is not None and emb is not None and layer.weight is emb.weight:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        for cfg in (base.config, getattr(base.config, "get_text_config", lambda: None)()):
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+    return model.merge_and_unload()
+
+
 def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``'s parameters by name; every key must match a parameter."""
     params = dict(model.named_parameters())

@@ -178,7 +178,6 @@ def add_adapters(model: nn.Module, options: AdapterOptions) -> list[str]:
     return adapted
 
 
-
 @register_method
 class Adapter(Method):
     name = "adapter"

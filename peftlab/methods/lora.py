@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import Method, MethodContext, prepare_quantized, register_method
+from . import Method, MethodContext, merge_peft_model, prepare_quantized, register_method
 
 PEFT_TASK_TYPES = {
     "token_classification": "TOKEN_CLS",
@@ -28,7 +27,6 @@ class LoraOptions(BaseModel):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r).")
-
 
 
 @register_method
@@ -70,21 +68,5 @@ class Lora(Method):
         return PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False)
 
     def merge(self, model: Any) -> Any:
-        untie_adapted_output_embeddings(model)
-        return model.merge_and_unload()
+        return merge_peft_model(model)
 
-
-def untie_adapted_output_embeddings(model: Any) -> None:
-    """An adapted output layer (e.g. ``lm_head`` in target_modules) whose weight is tied to the input
-    embeddings would, once merged, change the embeddings too: give it its own copy first, and record
-    in the config that the merged checkpoint's weights are no longer tied."""
-    base = model.get_base_model()
-    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    layer = getattr(out, "base_layer", None)  # a LoRA-wrapped output layer
-    if layer is None or emb is None or layer.weight is not emb.weight:
-        return
-    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-    for cfg in (base.config, getattr(base.config, "get_text_config", lambda: None)()):
-        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False

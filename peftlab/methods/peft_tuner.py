@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from ..errors import PeftlabError
-from . import Method, MethodContext, prepare_quantized, register_method, register_unavailable
+from . import Method, MethodContext, merge_peft_model, prepare_quantized, register_method, register_unavailable
 from .lora import PEFT_TASK_TYPES
 
 
@@ -279,7 +279,7 @@ class PeftTuner(Method, metaclass=_LazyOptions):
     def merge(self, model: Any) -> Any:
         if not self.can_merge:
             return super().merge(model)
-        return model.merge_and_unload()
+        return merge_peft_model(model)
 
 
 def _where(recipe: Any) -> str:
