@@ -239,12 +239,14 @@ def test_merge_nf4_qlora_reports_the_gap(tiny_bert, wnut_small, tmp_path):
     recipe = ner_recipe(tiny_bert, wnut_small, run, {"name": "lora", "r": 4, "alpha": 8}, epochs=2, lr=1e-2)
     recipe["backbone"]["quantization"] = "nf4"
     peftlab.train(recipe)
-    for mode in ("reload", "dequantize"):
+    for mode in ("reload", None):  # None: the default, dequantize
         out = tmp_path / f"merged-{mode}"
-        report = merge_mod.merge(run, out, quantized_base=mode, verify_examples=48)
-        assert report["kind"] == "from_quantized" and report["quantization"] == "nf4"
-        assert report["quantized_base"] == mode and report["passed"]
-        assert report["thresholds"]["max_abs_logit_diff"] is None and report["thresholds"]["min_agreement"] == 0.9
+        options = {"quantized_base": mode} if mode else {}
+        report = merge_mod.merge(run, out, verify_examples=48, **options)
+        kind, agreement = ("from_quantized", 0.9) if mode == "reload" else ("dequantized", 0.99)
+        assert report["kind"] == kind and report["quantization"] == "nf4"
+        assert report["quantized_base"] == (mode or "dequantize") and report["passed"]
+        assert report["thresholds"]["max_abs_logit_diff"] is None and report["thresholds"]["min_agreement"] == agreement
         m = report["metrics"]
         assert m["split"] == "validation" and {"f1", "loss"} <= set(m["unmerged"]) and {"f1", "loss"} <= set(m["merged"])
         assert m["delta"] == pytest.approx(m["merged"]["f1"] - m["unmerged"]["f1"])
@@ -269,6 +271,6 @@ def test_merge_int8_lora(tiny_bert, banking_small, tmp_path):
     recipe["backbone"]["quantization"] = "int8"
     peftlab.train(recipe)
     report = merge_mod.merge(run, tmp_path / "m", quantized_base="dequantize", verify_examples=24)
-    assert report["kind"] == "from_quantized" and report["quantization"] == "int8" and report["passed"]
+    assert report["kind"] == "dequantized" and report["quantization"] == "int8" and report["passed"]
     assert report["metrics"]["metric"] == "accuracy" and "accuracy" in report["metrics"]["merged"]
     assert report["agreement"] >= 0.9 and report["max_abs_logit_diff"] < 0.5
