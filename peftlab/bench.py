@@ -609,6 +609,8 @@ def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path]
         "total_params", "backbone_params", "head_params", "trainable_params", "trainable_pct",
         "trainable_head_params", "trainable_params_without_head", "trainable_pct_without_head",
         "method_added_params")}
+    # peft's own count (get_nb_trainable_parameters of the peft model) where the method builds one
+    rec["params"]["peft_trainable_params"] = (params.get("peft_count") or {}).get("trainable")
     rec["size"] = {"model_dir_bytes": params.get("model_dir_bytes")}
     rec["memory"] = {
         "peak_rss_bytes": res.get("peak_rss_bytes"),

@@ -90,6 +90,8 @@ def columns_for(records: list[dict], metric: Optional[str]) -> list[Column]:
         Column("trainable_head_params", "of which head", lambda r: _get(r, "params", "trainable_head_params"), "{:,.0f}"),
         Column("trainable_pct_without_head", "trainable % w/o head",
                lambda r: _get(r, "params", "trainable_pct_without_head"), "{:.3f}", markdown=False),
+        Column("peft_trainable_params", "trainable params counted by peft",
+               lambda r: _get(r, "params", "peft_trainable_params"), "{:,.0f}", markdown=False),
         Column("total_params", "total params", lambda r: _get(r, "params", "total_params"), "{:,.0f}", markdown=False),
         Column("peak_rss_mb", "peak RSS (MB)", lambda r: _mb(_get(r, "memory", "peak_rss_bytes")), "{:.0f}"),
         Column("parent_peak_rss_mb", "peak RSS seen by the bench (MB)",
@@ -253,6 +255,31 @@ def comparisons(summary: Summary) -> list[dict]:
     return out
 
 
+def peft_count_lines(s: Summary) -> list[str]:
+    """One line comparing peftlab's trainable-parameter count with peft's own, per configuration."""
+    same, differ, no_peft = [], [], []
+    for row in s.rows:
+        pairs = [(_get(r, "params", "trainable_params"), _get(r, "params", "peft_trainable_params")) for r in row.records]
+        if not pairs:
+            continue
+        if all(p is None for _, p in pairs):
+            no_peft.append(row.config)
+        elif all(a == p for a, p in pairs):
+            same.append(row.config)
+        else:
+            a, p = next((a, p) for a, p in pairs if a != p)
+            differ.append(f"{row.config} (peftlab {a:,} vs peft {p if p is None else format(p, ',')})")
+    if not same and not differ:
+        return []
+    text = ("Trainable parameters against peft's own count (`get_nb_trainable_parameters()` of the peft "
+            f"model, task head included): equal for {', '.join(same) or 'none'}")
+    if differ:
+        text += f"; **different** for {', '.join(differ)}"
+    if no_peft:
+        text += f"; no peft model (counted by peftlab alone) for {', '.join(no_peft)}"
+    return [text + ".", ""]
+
+
 def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str]) -> str:
     s = summary
     lines = [f"# Benchmark report: {s.title}" + (f" ({s.profile} profile)" if s.profile else ""), ""]
@@ -314,6 +341,7 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
         cells += [format_stat(row.stats[c.key], c.fmt) for c in md_cols]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += peft_count_lines(s)
     backbones = sorted({_short_backbone(r.get("backbone")) for r in s.ok})
     if backbones:
         lines += [f"Backbone: {', '.join(backbones)}. Method options are in `report.csv` and in the records.", ""]

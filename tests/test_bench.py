@@ -120,6 +120,12 @@ def test_quick_bench_writes_records_and_report(bench):
         assert "train.seed=1" in r["overrides"] or "train.seed=2" in r["overrides"]
     assert recs["lora-s1"]["method"] == "lora" and recs["lora-s1"]["method_options"]["r"] == 4
     assert recs["baseline-trainer-lora-s1"]["kind"] == "baseline"
+    # peft's own count is recorded where the method builds a peft model, and equals peftlab's
+    assert recs["lora-s1"]["params"]["peft_trainable_params"] == recs["lora-s1"]["params"]["trainable_params"]
+    assert recs["head-s1"]["params"]["peft_trainable_params"] is None
+    md = (bench["results"] / "report.md").read_text()
+    assert "against peft's own count (`get_nb_trainable_parameters()` of the peft model, task head included): " \
+        "equal for lora;" in md and "no peft model (counted by peftlab alone) for " in md
     # the baseline trains the same LoRA: same trainable backbone parameter count as peftlab's LoRA
     assert (recs["baseline-trainer-lora-s1"]["params"]["trainable_params_without_head"]
             == recs["lora-s1"]["params"]["trainable_params_without_head"])
