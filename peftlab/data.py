@@ -225,4 +225,10 @@ def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
         train = [train[i] for i in keep]
         notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")
     test = read_split(cfg, "test", columns, kind) if cfg.test is not None else None
+    if test is not None and cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
+        order = list(range(len(test)))
+        random.Random(cfg.split_seed + 2).shuffle(order)
+        keep = sorted(order[: cfg.max_test_samples])
+        notes.append(f"test: fixed-seed subset of {len(keep)} of {len(test)} examples (seed {cfg.split_seed + 2})")
+        test = [test[i] for i in keep]
     return Splits(train=train, validation=validation, test=test, notes=notes)

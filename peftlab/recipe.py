@@ -73,9 +73,12 @@ class DataConfig(StrictModel):
     validation_split: float = Field(
         0.1, gt=0, lt=1, description="Fraction of train held out when there is no validation file."
     )
-    split_seed: int = Field(42, description="Seed of the held-out split and of max_train_samples.")
+    split_seed: int = Field(42, description="Seed of the held-out split and of the max_train/test_samples subsets.")
     max_train_samples: Optional[int] = Field(
         None, gt=0, description="Train on a fixed-seed random subset of this many examples."
+    )
+    max_test_samples: Optional[int] = Field(
+        None, gt=0, description="Test on a fixed-seed random subset of this many test examples (a cheaper score)."
     )
     text_column: str = Field("text", description="Text column (CSV/TSV/JSONL/hub).")
     label_column: str = Field("label", description="Label column for sequence classification.")

@@ -72,6 +72,19 @@ def test_max_train_samples_subset():
     assert any("subset of 3000" in n for n in s.notes)
 
 
+def test_max_test_samples_subset():
+    cfg = DataConfig(train=str(BANKING / "train.csv"), test=str(BANKING / "test.csv"), label_column="category")
+    full = load_splits(cfg, ["text", "category"], "text")
+    a = load_splits(cfg.model_copy(update={"max_test_samples": 1000}), ["text", "category"], "text")
+    b = load_splits(cfg.model_copy(update={"max_test_samples": 1000}), ["text", "category"], "text")
+    assert len(full.test) == 3080 and len(a.test) == 1000
+    where = [r["_where"] for r in a.test]
+    assert where == [r["_where"] for r in b.test]  # fixed seed: the same subset every time
+    assert set(where) < {r["_where"] for r in full.test} and where == sorted(where, key=lambda w: int(w.split(":")[-1]))
+    assert any("test: fixed-seed subset of 1000 of 3080" in n for n in a.notes)
+    assert len(a.train) == len(full.train)  # train and validation untouched
+
+
 def test_jsonl_reader_and_empty_split(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text(json.dumps({"text": "hi", "label": "a"}) + "\n\n" + json.dumps({"text": "yo", "label": "b"}) + "\n")
