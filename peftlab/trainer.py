@@ -105,6 +105,26 @@ def set_threads(accelerator: Any, num_threads: Optional[int]) -> int:
     return n
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def set_mmap_threshold(mb: float) -> bool:
+    """Fix glibc's mmap threshold at ``mb`` MiB (freed large blocks are unmapped, not kept in the heap).
+
+    glibc raises the threshold to the size of every mmapped block freed (up to 32 MiB), after which
+    activation-sized tensors come from the heap and their memory stays resident once freed; a fixed
+    threshold turns that off. Returns False where there is no glibc ``mallopt`` (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mb * 1024 * 1024)))
+    except (OSError, AttributeError):
+        return False
+
+
 def setup_logging(accelerator: Any, log_file: Optional[Path] = None) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -218,6 +238,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     setup_logging(accelerator)
     check_process_group(accelerator)
     threads = set_threads(accelerator, cfg.num_threads)
+    mmap_note = None
+    if cfg.cpu_mmap_threshold_mb and accelerator.device.type == "cpu":
+        applied = set_mmap_threshold(cfg.cpu_mmap_threshold_mb)
+        mmap_note = (f"memory: glibc mmap threshold fixed at {cfg.cpu_mmap_threshold_mb:g} MiB" if applied else
+                     "memory: train.cpu_mmap_threshold_mb ignored (no glibc mallopt here)")
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         _check_same_recipe(run_dir, recipe)
@@ -260,6 +285,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
         log.addHandler(_stderr_handler())
     log.info("peftlab %s | recipe %s | method %s | %d process(es) on %s, %d thread(s) each",
              __version__, recipe.source, method.name, accelerator.num_processes, accelerator.device.type, threads)
+    if mmap_note:
+        log.info("%s", mmap_note)
     for note in splits.notes:
         log.info("data: %s", note)
     log.info("data: %d train / %d validation / %s test examples, %d labels",
