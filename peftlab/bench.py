@@ -421,7 +421,8 @@ def git_info(cwd: Optional[Path] = None) -> dict:
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    # the bench's own output (benchmarks/results/, whose records it rewrites) does not make the code dirty
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
 

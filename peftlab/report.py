@@ -29,7 +29,7 @@ from .atomicio import write_bytes, write_text
 from .errors import PeftlabError
 
 MB = 2**20
-HIDDEN_TEST_METRICS = ("loss", "examples")
+HIDDEN_TEST_METRICS = ("loss", "examples", "completion_tokens")  # counts, not scores
 
 
 # ----------------------------------------------------------------------------------- statistics
