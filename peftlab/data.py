@@ -198,6 +198,13 @@ def read_hub_split(cfg: DataConfig, split: str, columns: list[str], key: str) ->
     return rows
 
 
+def _fixed_seed_subset(rows: list, n: int, seed: int) -> list:
+    """``n`` rows drawn with a fixed seed, kept in file order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[:n])]
+
+
 def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
     """Read train/validation/test; carve a fixed-seed validation split when none is given."""
     notes = []
@@ -219,16 +226,10 @@ def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
             f"validation: {len(validation)} examples held out of train (fraction {cfg.validation_split}, seed {cfg.split_seed})"
         )
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
-        order = list(range(len(train)))
-        random.Random(cfg.split_seed + 1).shuffle(order)
-        keep = sorted(order[: cfg.max_train_samples])
-        train = [train[i] for i in keep]
+        train = _fixed_seed_subset(train, cfg.max_train_samples, cfg.split_seed + 1)
         notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")
     test = read_split(cfg, "test", columns, kind) if cfg.test is not None else None
     if test is not None and cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
-        order = list(range(len(test)))
-        random.Random(cfg.split_seed + 2).shuffle(order)
-        keep = sorted(order[: cfg.max_test_samples])
-        notes.append(f"test: fixed-seed subset of {len(keep)} of {len(test)} examples (seed {cfg.split_seed + 2})")
-        test = [test[i] for i in keep]
+        notes.append(f"test: fixed-seed subset of {cfg.max_test_samples} of {len(test)} examples (seed {cfg.split_seed + 2})")
+        test = _fixed_seed_subset(test, cfg.max_test_samples, cfg.split_seed + 2)
     return Splits(train=train, validation=validation, test=test, notes=notes)

@@ -514,9 +514,8 @@ def _data_lines(recipe: Any, metrics_json: dict) -> list[str]:
         lines.append(f"- validation: {d.validation_split:.0%} of train held out (seed {d.split_seed})")
     if d.test:
         n = (metrics_json.get("test") or {}).get("examples")
-        lines.append(f"- test: `{d.test}`" + (f" ({n:,} examples" if isinstance(n, int) else "")
-                     + (", a fixed-seed subset" if isinstance(n, int) and d.max_test_samples else "")
-                     + (")" if isinstance(n, int) else ""))
+        size = f" ({n:,} examples{', a fixed-seed subset' if d.max_test_samples else ''})" if isinstance(n, int) else ""
+        lines.append(f"- test: `{d.test}`{size}")
     lines.append(f"- max_length: {d.max_length} tokens")
     return lines
 

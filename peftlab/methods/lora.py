@@ -69,4 +69,3 @@ class Lora(Method):
 
     def merge(self, model: Any) -> Any:
         return merge_peft_model(model)
-
