@@ -790,7 +790,7 @@ def run_bench(
                 mem = (rec.get("memory") or {}).get("peak_rss_bytes")
                 say(f"  ok in {_fmt_duration(rec.get('cell_wall_s'))}: test {main} "
                     f"{val if val is None else round(val, 4)}, peak RSS "
-                    f"{'?' if mem is None else round(mem / 2**20)} MB")
+                    f"{'?' if mem is None else round(mem / 2**20)} MiB")
             else:
                 say(f"  FAILED: {rec.get('error')}")
         if todo:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Union
 from .atomicio import write_bytes, write_text
 from .errors import PeftlabError
 
-MB = 2**20
+MIB = 2**20
 HIDDEN_TEST_METRICS = ("loss", "examples", "completion_tokens")  # counts, not scores
 
 
@@ -59,8 +59,8 @@ def _get(rec: dict, *path: str) -> Any:
     return node
 
 
-def _mb(v: Any) -> Optional[float]:
-    return v / MB if isinstance(v, (int, float)) else None
+def _mib(v: Any) -> Optional[float]:
+    return v / MIB if isinstance(v, (int, float)) else None
 
 
 @dataclass
@@ -93,24 +93,24 @@ def columns_for(records: list[dict], metric: Optional[str]) -> list[Column]:
         Column("peft_trainable_params", "trainable params counted by peft",
                lambda r: _get(r, "params", "peft_trainable_params"), "{:,.0f}", markdown=False),
         Column("total_params", "total params", lambda r: _get(r, "params", "total_params"), "{:,.0f}", markdown=False),
-        Column("peak_rss_mb", "peak RSS (MB)", lambda r: _mb(_get(r, "memory", "peak_rss_bytes")), "{:.0f}"),
-        Column("parent_peak_rss_mb", "peak RSS seen by the bench (MB)",
-               lambda r: _mb(_get(r, "memory", "parent_peak_rss_bytes")), "{:.0f}", markdown=False),
-        Column("load_rss_mb", "model-load RSS (MB)", lambda r: _mb(_get(r, "memory", "load_rss_bytes")), "{:.0f}"),
+        Column("peak_rss_mib", "peak RSS (MiB)", lambda r: _mib(_get(r, "memory", "peak_rss_bytes")), "{:.0f}"),
+        Column("parent_peak_rss_mib", "peak RSS seen by the bench (MiB)",
+               lambda r: _mib(_get(r, "memory", "parent_peak_rss_bytes")), "{:.0f}", markdown=False),
+        Column("load_rss_mib", "model-load RSS (MiB)", lambda r: _mib(_get(r, "memory", "load_rss_bytes")), "{:.0f}"),
     ]
     if any(_get(r, "memory", "cuda_max_memory_allocated_bytes") is not None for r in records):
         cols += [
-            Column("gpu_max_allocated_mb", "GPU max allocated (MB)",
-                   lambda r: _mb(_get(r, "memory", "cuda_max_memory_allocated_bytes")), "{:.0f}"),
-            Column("gpu_max_reserved_mb", "GPU max reserved (MB)",
-                   lambda r: _mb(_get(r, "memory", "cuda_max_memory_reserved_bytes")), "{:.0f}"),
+            Column("gpu_max_allocated_mib", "GPU max allocated (MiB)",
+                   lambda r: _mib(_get(r, "memory", "cuda_max_memory_allocated_bytes")), "{:.0f}"),
+            Column("gpu_max_reserved_mib", "GPU max reserved (MiB)",
+                   lambda r: _mib(_get(r, "memory", "cuda_max_memory_reserved_bytes")), "{:.0f}"),
         ]
     cols += [
         Column("train_time_s", "train time (s)", lambda r: _get(r, "time", "train_time_s"), "{:.1f}"),
         Column("samples_per_s", "samples/s", lambda r: _get(r, "time", "samples_per_s"), "{:.1f}"),
         Column("tokens_per_s", "tokens/s", lambda r: _get(r, "time", "tokens_per_s"), "{:.0f}"),
         Column("cell_wall_s", "cell wall time (s)", lambda r: r.get("cell_wall_s"), "{:.1f}", markdown=False),
-        Column("size_mb", "saved size (MB)", lambda r: _mb(_get(r, "size", "model_dir_bytes")), "{:.2f}"),
+        Column("size_mib", "saved size (MiB)", lambda r: _mib(_get(r, "size", "model_dir_bytes")), "{:.2f}"),
         Column("best_epoch", "best epoch", lambda r: r.get("best_epoch"), "{:.1f}"),
     ]
     return cols
@@ -248,7 +248,7 @@ def comparisons(summary: Summary) -> list[dict]:
         out.append({
             "baseline": row.config, "peftlab": ours.config,
             "samples_per_s_ratio": ratio("samples_per_s"), "tokens_per_s_ratio": ratio("tokens_per_s"),
-            "peak_rss_ratio": ratio("peak_rss_mb"), "train_time_ratio": ratio("train_time_s"),
+            "peak_rss_ratio": ratio("peak_rss_mib"), "train_time_ratio": ratio("train_time_s"),
             f"test_{m}_peftlab": a.mean if a else None, f"test_{m}_baseline": b.mean if b else None,
             f"test_{m}_diff": diff,
         })
@@ -488,9 +488,9 @@ def write_report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, 
     plots: dict[str, str] = {}
     m = summary.metric
     if m:
-        gpu = "gpu_max_allocated_mb" in {c.key for c in summary.columns}
-        mem_key = "gpu_max_allocated_mb" if gpu else "peak_rss_mb"
-        mem_label = "GPU max allocated (MB)" if gpu else "peak RSS of the run's process (MB)"
+        gpu = "gpu_max_allocated_mib" in {c.key for c in summary.columns}
+        mem_key = "gpu_max_allocated_mib" if gpu else "peak_rss_mib"
+        mem_label = "GPU max allocated (MiB)" if gpu else "peak RSS of the run's process (MiB)"
         for name, key, label, log_x, caption in (
             (f"test_{m}_vs_trainable_params.png", "trainable_params", "trainable parameters (log scale)", True,
              f"test {m} vs trainable parameters"),

@@ -178,11 +178,11 @@ CHECKS = {  # csv key -> (markdown header, how to read the value from a record)
     "dev_f1": ("dev f1", lambda r: r["dev"]["f1"]),
     "trainable_params": ("trainable params", lambda r: r["params"]["trainable_params"]),
     "trainable_pct": ("trainable %", lambda r: r["params"]["trainable_pct"]),
-    "peak_rss_mb": ("peak RSS (MB)", lambda r: r["memory"]["peak_rss_bytes"] / MIB),
+    "peak_rss_mib": ("peak RSS (MiB)", lambda r: r["memory"]["peak_rss_bytes"] / MIB),
     "train_time_s": ("train time (s)", lambda r: r["time"]["train_time_s"]),
     "samples_per_s": ("samples/s", lambda r: r["time"]["samples_per_s"]),
     "tokens_per_s": ("tokens/s", lambda r: r["time"]["tokens_per_s"]),
-    "size_mb": ("saved size (MB)", lambda r: r["size"]["model_dir_bytes"] / MIB),
+    "size_mib": ("saved size (MiB)", lambda r: r["size"]["model_dir_bytes"] / MIB),
 }
 
 
@@ -375,10 +375,10 @@ def test_gpu_memory_columns_when_records_have_them(bench, tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     write_report(tmp_path / "results.jsonl")
     headers, rows = parse_markdown_table((tmp_path / "report.md").read_text())
-    assert "GPU max allocated (MB)" in headers and "GPU max reserved (MB)" in headers
+    assert "GPU max allocated (MiB)" in headers and "GPU max reserved (MiB)" in headers
     md = {row[0]: dict(zip(headers, row)) for row in rows}
     lora = next(i for i, r in enumerate(recs) if r["cell"] == "lora-s1")
-    assert md["lora"]["GPU max allocated (MB)"] == str((lora + 1) * 100)
+    assert md["lora"]["GPU max allocated (MiB)"] == str((lora + 1) * 100)
     assert (tmp_path / "test_f1_vs_peak_memory.png").is_file()
     assert "Missing cells" not in (tmp_path / "report.md").read_text()  # no plan.json here: nothing planned
 
