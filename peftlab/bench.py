@@ -412,6 +412,9 @@ def versions() -> dict:
     return out
 
 
+CODE_PATHS = ("peftlab", "recipes", "benchmarks", "pyproject.toml")
+
+
 def git_info(cwd: Optional[Path] = None) -> dict:
     def git(*args: str) -> Optional[str]:
         try:
@@ -421,8 +424,11 @@ def git_info(cwd: Optional[Path] = None) -> dict:
         return res.stdout.strip() if res.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    # the bench's own output (benchmarks/results/, whose records it rewrites) does not make the code dirty
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    # Only what can change a result counts as a change to the code: the package, the recipes, the
+    # benchmark specs and scripts, the install. Not the bench's own output (benchmarks/results/,
+    # whose records it rewrites), the docs or the tests.
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--",
+                *(f":(top){p}" for p in CODE_PATHS), ":(top,exclude)benchmarks/results")
     return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
 
 

@@ -415,3 +415,29 @@ def test_spec_errors_are_one_line(tmp_path):
     # a missing recipe is the cell's problem (recorded as failed without starting a process)
     plan = plan_bench(bad)
     assert "recipe file not found" in plan.cells[0].problem
+
+
+def test_records_call_the_code_dirty_only_for_changes_that_can_change_a_result(tmp_path):
+    from peftlab.bench import git_info
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    files = {"peftlab/x.py": "a = 1\n", "recipes/r.yaml": "a: 1\n", "README.md": "doc\n",
+             "tests/test_x.py": "pass\n", "benchmarks/results/s/results.jsonl": "{}\n"}
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert git_info(tmp_path)["dirty"] is False
+    for rel in ("README.md", "tests/test_x.py", "benchmarks/results/s/results.jsonl"):
+        (tmp_path / rel).write_text("changed\n")
+    assert git_info(tmp_path)["dirty"] is False
+    (tmp_path / "recipes/r.yaml").write_text("a: 2\n")
+    assert git_info(tmp_path)["dirty"] is True
+    git("checkout", "--", "recipes/r.yaml")
+    (tmp_path / "peftlab/x.py").write_text("a = 2\n")
+    assert git_info(tmp_path)["dirty"] is True
