@@ -384,7 +384,7 @@ def test_gpu_memory_columns_when_records_have_them(bench, tmp_path):
 
 
 def test_real_specs_plan(tmp_path):
-    for name, n_configs in (("wnut17_minilm", 11), ("banking77_minilm", 11)):
+    for name, n_configs in (("wnut17_minilm", 11), ("banking77_minilm", 11), ("banking77_minilm_fulltrain", 4)):
         spec = ROOT / "benchmarks" / f"{name}.yaml"
         full = plan_bench(spec)
         quick = plan_bench(spec, quick=True)
@@ -399,6 +399,8 @@ def test_real_specs_plan(tmp_path):
         assert all(c.compare_to for c in full.cells if c.kind == "baseline")
     banking = plan_bench(ROOT / "benchmarks" / "banking77_minilm.yaml")
     assert all("data.max_train_samples=3000" in c.overrides for c in banking.cells)
+    fulltrain = plan_bench(ROOT / "benchmarks" / "banking77_minilm_fulltrain.yaml")
+    assert not any(o.startswith("data.max_train_samples=") for c in fulltrain.cells for o in c.overrides)
 
 
 def test_spec_errors_are_one_line(tmp_path):
