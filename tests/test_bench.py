@@ -443,3 +443,31 @@ def test_records_call_the_code_dirty_only_for_changes_that_can_change_a_result(t
     git("checkout", "--", "recipes/r.yaml")
     (tmp_path / "peftlab/x.py").write_text("a = 2\n")
     assert git_info(tmp_path)["dirty"] is True
+
+
+def test_trainer_baseline_evaluates_in_dataset_order_while_training_grouped_by_length(tiny_bert, tmp_path):
+    # transformers 5.x length-groups the evaluation sampler too when training groups by length; the
+    # baseline scores predictions against its dataset rows by position, so it must evaluate in order
+    import importlib.util
+
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    spec = importlib.util.spec_from_file_location("trainer_baseline", BASELINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    n = 64
+    ds = Dataset.from_dict({"input_ids": [[101] + [1000 + i] * (1 + (i * 37) % 30) + [102] for i in range(n)],
+                            "label": [i % 3 for i in range(n)]})
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to="none",
+                             train_sampling_strategy="group_by_length", use_cpu=True)
+
+    def lengths_seen(trainer_cls):
+        trainer = trainer_cls(model=model, args=args, eval_dataset=ds)
+        sampler = trainer._get_eval_sampler(ds)
+        return [len(ds[i]["input_ids"]) for i in sampler]
+
+    in_order = [len(ids) for ids in ds["input_ids"]]
+    assert lengths_seen(Trainer) != in_order  # what transformers does: the bug this guards against
+    assert lengths_seen(module.SequentialEvalTrainer) == in_order

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import yaml
 from datasets import Dataset
+from torch.utils.data import SequentialSampler
 from peft import LoraConfig, TaskType, get_peft_model
 from seqeval.metrics import f1_score, precision_score, recall_score
 from sklearn.metrics import f1_score as sk_f1_score
@@ -100,6 +101,23 @@ class TrainTime(TrainerCallback):
         self.t0 = None
         self.counter.training = False
 
+
+
+class SequentialEvalTrainer(Trainer):
+    """transformers' ``Trainer``, evaluating in dataset order.
+
+    With ``train_sampling_strategy="group_by_length"`` transformers 5.x also length-groups the
+    *evaluation* sampler, so ``evaluate``/``predict`` return rows in a shuffled order. The guides'
+    ``compute_metrics`` pairs predictions with ``eval_pred.label_ids`` (shuffled the same way), but
+    scoring against every gold word needs each row's ``word_ids``, i.e. dataset order. Grouping by
+    length stays on for training (as in the peftlab recipe it is compared with).
+    """
+
+    def _get_eval_sampler(self, eval_dataset):
+        if eval_dataset is None:
+            return None
+        # transformers' own branch when not grouping by length (None: accelerate shards it in order)
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 def main(argv: list[str]) -> int:
@@ -270,7 +288,7 @@ def main(argv: list[str]) -> int:
         push_to_hub=False,
     )
     timer = TrainTime(collator)
-    trainer = Trainer(
+    trainer = SequentialEvalTrainer(
         model=model,
         args=args_tr,
         train_dataset=tokenized["train"],
