@@ -305,3 +305,36 @@ def test_dora_runs_through_lora(tiny_bert, banking_small, tmp_path):
     batch = run.tokenizer(["my card has not arrived"], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(run.model(**batch).logits, load_run(out).model(**batch).logits)
+
+
+def test_lora_modules_to_save_trains_the_pooler_in_full(tiny_bert, banking_small, tmp_path):
+    out = tmp_path / "pooler"
+    metrics = peftlab.train(cls_recipe(tiny_bert, banking_small, out,
+                                       {"name": "lora", "r": 4, "alpha": 8, "modules_to_save": ["pooler"]},
+                                       epochs=3, lr=1e-2, log_every=2))
+    losses = [loss for _, loss in metrics["train_loss"]]
+    assert losses[-1] < losses[0], losses
+    cfg = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert {"classifier", "pooler"} <= set(cfg["modules_to_save"])
+    params = json.loads((out / "params.json").read_text())
+    # LoRA on every encoder linear layer; the pooler trains in full instead of getting LoRA
+    shapes = [(32, 32)] * 4 + [(32, 64), (64, 32)]
+    assert params["trainable_params_without_head"] == 2 * sum(4 * (i + o) for i, o in shapes) + 32 * 32 + 32
+    run = load_run(out)
+    batch = run.tokenizer(["my card has not arrived"], return_tensors="pt")
+    with torch.no_grad():
+        before = run.model(**batch).logits
+    merged = run.method.merge(load_run(out).model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, before, atol=1e-5, rtol=1e-5)
+    from transformers import AutoModel
+    base_pooler = AutoModel.from_pretrained(tiny_bert).pooler.dense.weight
+    assert not torch.equal(merged.bert.pooler.dense.weight, base_pooler)  # the trained copy, not the base's
+
+
+def test_modules_to_save_typo_is_an_error(tiny_bert, banking_small, tmp_path):
+    for method in ({"name": "lora", "modules_to_save": ["poolr"]}, {"name": "ia3", "modules_to_save": ["poolr"],
+                                                                      **TINY_OPTIONS.get("ia3", {})}):
+        with pytest.raises(PeftlabError, match=r"method.modules_to_save: 'poolr' matches no module of this bert model"):
+            peftlab.train(cls_recipe(tiny_bert, banking_small, tmp_path / method["name"], method, epochs=1))
+        assert not (tmp_path / method["name"]).exists()  # refused before the run folder is written

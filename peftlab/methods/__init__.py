@@ -123,6 +123,22 @@ def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
     return model
 
 
+def check_modules_to_save(model: Any, names: Any) -> None:
+    """peft silently ignores a ``modules_to_save`` entry that matches no module (a typo would train
+    nothing extra): every entry must name a module, by full name or dotted suffix, as peft matches."""
+    if not names:
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    for target in [names] if isinstance(names, str) else names:
+        if not any(n == target or n.endswith("." + target) for n in modules):
+            tops = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+            kind = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
+            raise PeftlabError(
+                f"method.modules_to_save: '{target}' matches no module of this {kind} model "
+                f"(module names end in e.g. {', '.join(tops[:12])})"
+            )
+
+
 def merge_peft_model(model: Any) -> Any:
     """``merge_and_unload`` of a peft model. An adapted output layer (e.g. ``lm_head`` in
     target_modules) whose weight is tied to the input embeddings would, once merged, change the

@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import Method, MethodContext, merge_peft_model, prepare_quantized, register_method
+from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method
 
 PEFT_TASK_TYPES = {
     "token_classification": "TOKEN_CLS",
@@ -27,6 +27,9 @@ class LoraOptions(BaseModel):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r).")
+    modules_to_save: list[str] = Field(
+        [], description="More modules trained in full and saved with the adapter (the task head always is), e.g. [pooler]."
+    )
 
 
 @register_method
@@ -49,13 +52,14 @@ class Lora(Method):
             bias=o.bias,
             use_dora=o.use_dora,
             use_rslora=o.use_rslora,
-            modules_to_save=list(ctx.head_names) or None,
+            modules_to_save=list(dict.fromkeys([*ctx.head_names, *o.modules_to_save])) or None,
             task_type=PEFT_TASK_TYPES.get(ctx.task.name),
         )
 
     def apply(self, model: Any, ctx: MethodContext) -> Any:
         from peft import get_peft_model
 
+        check_modules_to_save(model, self.options.modules_to_save)
         model = prepare_quantized(model, ctx)
         return get_peft_model(model, self.peft_config(ctx))
 

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from ..errors import PeftlabError
-from . import Method, MethodContext, merge_peft_model, prepare_quantized, register_method, register_unavailable
+from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method, register_unavailable
 from .lora import PEFT_TASK_TYPES
 
 
@@ -260,6 +260,7 @@ class PeftTuner(Method, metaclass=_LazyOptions):
         from peft import get_peft_model
 
         config = self.peft_config(ctx)
+        check_modules_to_save(model, getattr(self.options, "modules_to_save", None))
         model = prepare_quantized(model, ctx)
         try:
             return get_peft_model(model, config)
