@@ -66,7 +66,8 @@ def bench(tmp_path_factory, tiny_bert, wnut_small):
     recipe_path = root / "tiny_ner.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     plugins = write_plugin(root / "plugins")
-    lora = {"name": "lora", "r": 4, "alpha": 8}
+    # modules_to_save: the baseline must build the same LoRA as peftlab (count compared below)
+    lora = {"name": "lora", "r": 4, "alpha": 8, "modules_to_save": ["embeddings.LayerNorm"]}
     spec = {
         "name": "tiny",
         "description": "tiny random BERT on WNUT-17 slices (test)",
@@ -126,7 +127,9 @@ def test_quick_bench_writes_records_and_report(bench):
     md = (bench["results"] / "report.md").read_text()
     assert "against peft's own count (`get_nb_trainable_parameters()` of the peft model, task head included): " \
         "equal for lora;" in md and "no peft model (counted by peftlab alone) for " in md
-    # the baseline trains the same LoRA: same trainable backbone parameter count as peftlab's LoRA
+    # the baseline trains the same LoRA: same trainable backbone parameter count as peftlab's LoRA,
+    # the fully trained embeddings.LayerNorm (2 x hidden 32) included
+    assert recs["lora-s1"]["params"]["trainable_params_without_head"] == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64)) + 64
     assert (recs["baseline-trainer-lora-s1"]["params"]["trainable_params_without_head"]
             == recs["lora-s1"]["params"]["trainable_params_without_head"])
     # the JSONL has only whole lines, one record each

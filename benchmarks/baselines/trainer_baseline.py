@@ -216,7 +216,8 @@ def main(argv: list[str]) -> int:
         peft_config = LoraConfig(
             task_type=TaskType.TOKEN_CLS if ner else TaskType.SEQ_CLS,
             r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules,
-            bias=o.bias, use_dora=o.use_dora, use_rslora=o.use_rslora, modules_to_save=["classifier"],
+            bias=o.bias, use_dora=o.use_dora, use_rslora=o.use_rslora,
+            modules_to_save=["classifier", *o.modules_to_save],
         )
         model = get_peft_model(model, peft_config)
     load_rss, load_peak = rss_bytes(), peak_rss_bytes()
