@@ -260,3 +260,34 @@ def test_adapter_on_quantized_backbone_trains_and_reloads(tiny_bert, wnut_small,
     batch = run.tokenizer([["Paris", "is", "nice"]], is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(run.model(**batch).logits, load_run(out).model(**batch).logits)
+
+
+def test_adapter_modules_to_save_trains_the_pooler_in_full(tiny_bert, banking_small, tmp_path):
+    out = tmp_path / "run"
+    method = {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 4, "modules_to_save": ["pooler"]}
+    peftlab.train(cls_recipe(tiny_bert, banking_small, out, method, epochs=1, lr=1e-2, batch_size=8, num_threads=1))
+    params = json.loads((out / "params.json").read_text())
+    assert params["trainable_params_without_head"] == adapter_count(32, 2, 4, "pfeiffer") + 32 * 32 + 32
+    saved = load_file(str(out / "model" / "peftlab_weights.safetensors"))
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(saved)
+    from transformers import AutoModel
+    base = AutoModel.from_pretrained(tiny_bert).pooler.dense.weight
+    assert not torch.equal(saved["bert.pooler.dense.weight"], base)  # trained
+    run = load_run(out)
+    assert torch.equal(run.model.bert.pooler.dense.weight, saved["bert.pooler.dense.weight"])
+    batch = run.tokenizer(["my card has not arrived"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(run.model(**batch).logits, load_run(out).model(**batch).logits)
+
+
+def test_adapter_modules_to_save_refuses_typos_and_quantized_modules(tiny_bert, banking_small, tmp_path):
+    method = {"name": "adapter", "modules_to_save": ["poolr"]}
+    with pytest.raises(PeftlabError, match=r"method.modules_to_save: 'poolr' matches no module of this bert model"):
+        peftlab.train(cls_recipe(tiny_bert, banking_small, tmp_path / "typo", method, epochs=1))
+    data = cls_recipe(tiny_bert, banking_small, tmp_path / "q", {"name": "adapter", "modules_to_save": ["pooler"]})
+    data["backbone"]["quantization"] = "int8"
+    r = recipe_from_dict(data)
+    t = get_task_class(r.task)(r)
+    t.set_labels(["a", "b", "c"])
+    with pytest.raises(PeftlabError, match=r"method.modules_to_save: bert.pooler.dense.weight is quantized"):
+        build_model(r, t)

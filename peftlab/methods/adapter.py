@@ -19,7 +19,7 @@ Which projections: names relative to one transformer layer (``find_layers``), ma
 BERT's ``attention.output.dense`` is not mistaken for the layer's ``output.dense``). Defaults cover
 BERT-like encoders (``attention.output.dense`` / ``output.dense``), Llama-like decoders
 (``self_attn.o_proj`` / ``mlp.down_proj``) and a few other families; ``attention_module`` and
-``ffn_module`` override them. Only the adapters and the task head train; weights are saved as
+``ffn_module`` override them. Only the adapters, the task head and any ``modules_to_save`` train; weights are saved as
 safetensors by the base class and loading re-applies the adapters to a fresh backbone.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..backbones import find_layers
 from ..errors import PeftlabError
-from . import Method, MethodContext, prepare_quantized, register_method
+from . import Method, MethodContext, check_modules_to_save, prepare_quantized, register_method
 
 # Candidate names, relative to one transformer layer, tried in order (first match wins).
 ATTENTION_OUTPUT_CANDIDATES = (
@@ -79,6 +79,10 @@ class AdapterOptions(BaseModel):
         None,
         description="Feed-forward output projection, relative to one layer (e.g. output.dense, "
         "mlp.down_proj); default: detected from the architecture.",
+    )
+    modules_to_save: list[str] = Field(
+        [], description="More modules trained in full and saved with the adapters (the task head always is), "
+        "e.g. [pooler]."
     )
 
 
@@ -187,6 +191,7 @@ class Adapter(Method):
     supports_quantization = True
 
     def apply(self, model: Any, ctx: MethodContext) -> Any:
+        check_modules_to_save(model, self.options.modules_to_save)
         model = prepare_quantized(model, ctx)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -194,4 +199,14 @@ class Adapter(Method):
         for name in ctx.head_names:
             for p in getattr(model, name).parameters():
                 p.requires_grad_(True)
+        for target in self.options.modules_to_save:
+            for name, module in model.named_modules():
+                if name == target or name.endswith("." + target):
+                    for pname, p in module.named_parameters():
+                        if not p.is_floating_point():
+                            raise PeftlabError(
+                                f"method.modules_to_save: {name}.{pname} is quantized ({p.dtype}) and cannot "
+                                f"train in full; leave it out or set backbone.quantization: none"
+                            )
+                        p.requires_grad_(True)
         return model
