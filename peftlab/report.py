@@ -175,8 +175,11 @@ def summarize(records: list[dict], plan: Optional[dict] = None) -> Summary:
         planned = {c["cell"]: c for c in plan.get("cells", [])}
         ignored = [r for r in records if r["cell"] not in planned]
         records = [r for r in records if r["cell"] in planned]
+        # a record made with an older recipe/script is listed, never averaged with the current ones
         changed = [r for r in records if r.get("recipe_hash") != planned[r["cell"]].get("recipe_hash")]
-        missing = [c for c in plan["cells"] if c["cell"] not in {r["cell"] for r in records}]
+        records = [r for r in records if r not in changed]
+        missing = [c for c in plan["cells"] if c["cell"] not in {r["cell"] for r in records}
+                   and c["cell"] not in {r["cell"] for r in changed}]
         order: dict[str, int] = {}
         for i, c in enumerate(plan["cells"]):
             order.setdefault(c["config"], i)
@@ -322,8 +325,9 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
     planned = s.planned if s.planned is not None else len(s.ok) + len(s.failed)
     complete = not s.missing and not s.failed and not s.changed
     state = "complete" if complete else "**PARTIAL**"
-    lines.append(f"**Cells:** {planned} planned, {len(s.ok)} ok, {len(s.failed)} failed, {len(s.missing)} missing "
-                 f"({state}).")
+    older = f", {len(s.changed)} recorded with an older recipe (not in the tables)" if s.changed else ""
+    lines.append(f"**Cells:** {planned} planned, {len(s.ok)} ok, {len(s.failed)} failed, {len(s.missing)} missing"
+                 f"{older} ({state}).")
     lines += ["", f"Every number is computed from `{records_path.name}` (one JSON record per cell). Values are the "
               "mean ± sample standard deviation (n−1) over the seeds that finished; `seeds` = finished/planned. "
               "Each cell ran in its own process: peak RSS is that process's maximum resident memory "
@@ -395,7 +399,8 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
                   ", ".join(f"`{c['cell']}`" for c in s.missing), ""]
     if s.changed:
         lines += ["## Cells recorded with an older recipe", "",
-                  "Their recipe or overrides differ from what the spec gives now; re-run the bench to replace them: "
+                  "Their recipe, overrides or script differ from what the spec gives now, so the tables and plots "
+                  "leave them out; re-run the bench to replace them: "
                   + ", ".join(f"`{r['cell']}`" for r in s.changed), ""]
     if s.ignored:
         lines += [f"{len(s.ignored)} record(s) in `{records_path.name}` belong to cells no longer in the spec and "

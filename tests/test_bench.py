@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -257,6 +258,30 @@ def test_report_header_and_baseline_comparison(bench):
         ours["time"]["samples_per_s"] / base["time"]["samples_per_s"], rel=1e-12)
     assert float(comp["test_f1_diff"]) == pytest.approx(ours["test"]["f1"] - base["test"]["f1"], abs=1e-12)
     assert "## peftlab vs a plain transformers Trainer script" in md
+
+
+def test_records_of_an_older_recipe_are_listed_not_averaged(bench, tmp_path):
+    """A cell recorded before its recipe (or baseline script) changed stays in the JSONL until the bench
+    re-runs it; the report must not average it with current cells nor compare against it."""
+    plan = json.loads((bench["results"] / "plan.json").read_text())
+    for cell in plan["cells"]:
+        if cell["cell"] == "baseline-trainer-lora-s1":
+            cell["recipe_hash"] = "0000000000000000"  # as if the script changed after the cell ran
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    shutil.copy(bench["results"] / "results.jsonl", tmp_path / "results.jsonl")
+    write_report(tmp_path / "results.jsonl")
+    md = (tmp_path / "report.md").read_text()
+    assert ("Cells:** 7 planned, 4 ok, 2 failed, 0 missing, 1 recorded with an older recipe (not in the tables) "
+            "(**PARTIAL**)") in md
+    assert "## Cells recorded with an older recipe" in md and "`baseline-trainer-lora-s1`" in md
+    headers, rows = parse_markdown_table(md)
+    row = {r[0]: dict(zip(headers, r)) for r in rows}["baseline-trainer-lora"]
+    assert row["seeds"] == "0/1"
+    with open(tmp_path / "report.csv", newline="") as fh:
+        csv_row = next(r for r in csv.DictReader(fh) if r["config"] == "baseline-trainer-lora")
+    assert csv_row["seeds_ok"] == "0" and csv_row["test_f1_mean"] == ""
+    with open(tmp_path / "baseline_comparison.csv", newline="") as fh:
+        assert not [r for r in csv.DictReader(fh) if r.get("test_f1_diff")]  # nothing to compare with
 
 
 def _snapshot(bench) -> dict:
