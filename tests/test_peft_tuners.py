@@ -338,3 +338,13 @@ def test_modules_to_save_typo_is_an_error(tiny_bert, banking_small, tmp_path):
         with pytest.raises(PeftlabError, match=r"method.modules_to_save: 'poolr' matches no module of this bert model"):
             peftlab.train(cls_recipe(tiny_bert, banking_small, tmp_path / method["name"], method, epochs=1))
         assert not (tmp_path / method["name"]).exists()  # refused before the run folder is written
+
+
+def test_lora_modules_to_save_refuses_a_quantized_module(tiny_bert, banking_small):
+    data = cls_recipe(tiny_bert, banking_small, Path("/nonexistent/out"), {"name": "lora", "modules_to_save": ["pooler"]})
+    data["backbone"]["quantization"] = "int8"
+    r = recipe_from_dict(data)
+    t = get_task_class(r.task)(r)
+    t.set_labels(CLS_LABELS)
+    with pytest.raises(PeftlabError, match=r"method.modules_to_save: bert.pooler.dense.weight is quantized"):
+        build_model(r, t)

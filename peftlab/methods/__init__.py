@@ -125,18 +125,27 @@ def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
 
 def check_modules_to_save(model: Any, names: Any) -> None:
     """peft silently ignores a ``modules_to_save`` entry that matches no module (a typo would train
-    nothing extra): every entry must name a module, by full name or dotted suffix, as peft matches."""
+    nothing extra): every entry must name a module, by full name or dotted suffix, as peft matches.
+    A module quantized at load (int8/nf4 weights) cannot train in full either."""
     if not names:
         return
-    modules = [n for n, _ in model.named_modules() if n]
+    modules = {n: m for n, m in model.named_modules() if n}
     for target in [names] if isinstance(names, str) else names:
-        if not any(n == target or n.endswith("." + target) for n in modules):
+        matched = [n for n in modules if n == target or n.endswith("." + target)]
+        if not matched:
             tops = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
             kind = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
             raise PeftlabError(
                 f"method.modules_to_save: '{target}' matches no module of this {kind} model "
                 f"(module names end in e.g. {', '.join(tops[:12])})"
             )
+        for name in matched:
+            for pname, p in modules[name].named_parameters():
+                if not p.is_floating_point():
+                    raise PeftlabError(
+                        f"method.modules_to_save: {name}.{pname} is quantized ({p.dtype}) and cannot train in "
+                        f"full; leave it out or set backbone.quantization: none"
+                    )
 
 
 def merge_peft_model(model: Any) -> Any:

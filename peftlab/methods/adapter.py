@@ -19,8 +19,9 @@ Which projections: names relative to one transformer layer (``find_layers``), ma
 BERT's ``attention.output.dense`` is not mistaken for the layer's ``output.dense``). Defaults cover
 BERT-like encoders (``attention.output.dense`` / ``output.dense``), Llama-like decoders
 (``self_attn.o_proj`` / ``mlp.down_proj``) and a few other families; ``attention_module`` and
-``ffn_module`` override them. Only the adapters, the task head and any ``modules_to_save`` train; weights are saved as
-safetensors by the base class and loading re-applies the adapters to a fresh backbone.
+``ffn_module`` override them. Only the adapters, the task head and any ``modules_to_save`` train;
+weights are saved as safetensors by the base class and loading re-applies the adapters to a fresh
+backbone.
 """
 
 from __future__ import annotations
@@ -202,11 +203,6 @@ class Adapter(Method):
         for target in self.options.modules_to_save:
             for name, module in model.named_modules():
                 if name == target or name.endswith("." + target):
-                    for pname, p in module.named_parameters():
-                        if not p.is_floating_point():
-                            raise PeftlabError(
-                                f"method.modules_to_save: {name}.{pname} is quantized ({p.dtype}) and cannot "
-                                f"train in full; leave it out or set backbone.quantization: none"
-                            )
+                    for p in module.parameters():  # floating point: check_modules_to_save made sure
                         p.requires_grad_(True)
         return model
