@@ -175,11 +175,10 @@ def summarize(records: list[dict], plan: Optional[dict] = None) -> Summary:
         planned = {c["cell"]: c for c in plan.get("cells", [])}
         ignored = [r for r in records if r["cell"] not in planned]
         records = [r for r in records if r["cell"] in planned]
+        missing = [c for c in plan["cells"] if c["cell"] not in {r["cell"] for r in records}]
         # a record made with an older recipe/script is listed, never averaged with the current ones
         changed = [r for r in records if r.get("recipe_hash") != planned[r["cell"]].get("recipe_hash")]
-        records = [r for r in records if r not in changed]
-        missing = [c for c in plan["cells"] if c["cell"] not in {r["cell"] for r in records}
-                   and c["cell"] not in {r["cell"] for r in changed}]
+        records = [r for r in records if r.get("recipe_hash") == planned[r["cell"]].get("recipe_hash")]
         order: dict[str, int] = {}
         for i, c in enumerate(plan["cells"]):
             order.setdefault(c["config"], i)

@@ -123,13 +123,15 @@ def prepare_quantized(model: Any, ctx: MethodContext) -> Any:
     return model
 
 
-def check_modules_to_save(model: Any, names: Any) -> None:
+def check_modules_to_save(model: Any, names: Any) -> list[Any]:
     """peft silently ignores a ``modules_to_save`` entry that matches no module (a typo would train
     nothing extra): every entry must name a module, by full name or dotted suffix, as peft matches.
-    A module quantized at load (int8/nf4 weights) cannot train in full either."""
+    A module quantized at load (int8/nf4 weights) cannot train in full either. Returns the matched
+    modules."""
     if not names:
-        return
+        return []
     modules = {n: m for n, m in model.named_modules() if n}
+    found = []
     for target in [names] if isinstance(names, str) else names:
         matched = [n for n in modules if n == target or n.endswith("." + target)]
         if not matched:
@@ -146,6 +148,8 @@ def check_modules_to_save(model: Any, names: Any) -> None:
                         f"method.modules_to_save: {name}.{pname} is quantized ({p.dtype}) and cannot train in "
                         f"full; leave it out or set backbone.quantization: none"
                     )
+            found.append(modules[name])
+    return found
 
 
 def merge_peft_model(model: Any) -> Any:

@@ -192,7 +192,7 @@ class Adapter(Method):
     supports_quantization = True
 
     def apply(self, model: Any, ctx: MethodContext) -> Any:
-        check_modules_to_save(model, self.options.modules_to_save)
+        extra = check_modules_to_save(model, self.options.modules_to_save)
         model = prepare_quantized(model, ctx)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -200,9 +200,7 @@ class Adapter(Method):
         for name in ctx.head_names:
             for p in getattr(model, name).parameters():
                 p.requires_grad_(True)
-        for target in self.options.modules_to_save:
-            for name, module in model.named_modules():
-                if name == target or name.endswith("." + target):
-                    for p in module.parameters():  # floating point: check_modules_to_save made sure
-                        p.requires_grad_(True)
+        for module in extra:  # floating point: check_modules_to_save made sure
+            for p in module.parameters():
+                p.requires_grad_(True)
         return model
