@@ -194,15 +194,15 @@ def checkpoint_keys(path: str) -> Optional[set[str]]:
 def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict, path: str) -> list[str]:
     """Modules a quantized load must keep in full precision.
 
-    Always the task-head names (``classifier``, ``score``, ``qa_outputs``, ``lm_head``); for local
-    safetensors checkpoints also every linear layer whose weight the checkpoint lacks (e.g. the
-    pooler of a checkpoint saved without one): transformers 5 + bitsandbytes crash when they have
-    to initialise a quantized layer that has no weights to load.
+    Always the task-head names (``classifier``, ``score``, ``qa_outputs``, ``lm_head``); the linear
+    layers inside the recipe's ``backbone.unquantized_modules`` (each entry a module's full name or
+    dotted suffix, as ``method.modules_to_save`` matches: ``pooler`` -> ``bert.pooler.dense``; an entry
+    that matches no module is an error); for local safetensors checkpoints also every linear layer
+    whose weight the checkpoint lacks (e.g. the pooler of a checkpoint saved without one):
+    transformers 5 + bitsandbytes crash when they have to initialise a quantized layer that has no
+    weights to load.
     """
     skip = list(HEAD_CANDIDATES) + ["lm_head"]
-    keys = checkpoint_keys(path)
-    if keys is None:
-        return skip
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -214,6 +214,26 @@ def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict
         with init_empty_weights():
             skeleton = auto_class(auto_model).from_config(config, trust_remote_code=cfg.trust_remote_code)
     except Exception:  # noqa: BLE001 - the load itself reports real problems
+        return skip + [m for m in cfg.unquantized_modules if m not in skip]
+
+    def is_linear(module: Any) -> bool:
+        return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+    names = [n for n, _ in skeleton.named_modules() if n]
+    for target in cfg.unquantized_modules:
+        matched = [n for n in names if n == target or n.endswith("." + target)]
+        if not matched:
+            tops = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+            raise PeftlabError(
+                f"backbone.unquantized_modules: '{target}' matches no module of this "
+                f"{config.model_type} model (module names end in e.g. {', '.join(tops[:12])})"
+            )
+        for name, module in skeleton.named_modules():
+            inside = any(name == m or name.startswith(m + ".") for m in matched)
+            if inside and is_linear(module) and name not in skip:
+                skip.append(name)
+    keys = checkpoint_keys(path)
+    if keys is None:
         return skip
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
 
@@ -226,8 +246,7 @@ def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict
         return bool(prefix) and f"{prefix}.{key}" in keys
 
     for name, module in skeleton.named_modules():
-        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-        if name and linear and not in_checkpoint(name) and name not in skip:
+        if name and is_linear(module) and not in_checkpoint(name) and name not in skip:
             skip.append(name)
     return skip
 

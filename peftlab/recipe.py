@@ -46,6 +46,12 @@ class BackboneConfig(StrictModel):
         "none", description="bitsandbytes quantization of the backbone's linear layers."
     )
     double_quant: bool = Field(True, description="nf4/fp4: also quantize the quantization constants.")
+    unquantized_modules: list[str] = Field(
+        default_factory=list,
+        description="int8/nf4/fp4: more modules loaded in full precision (names as bitsandbytes matches "
+        "them, e.g. [pooler]); needed for a module the method trains in full (method.modules_to_save). "
+        "The task head and layers the checkpoint lacks are always kept.",
+    )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="nf4/fp4 compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs, "

@@ -346,5 +346,41 @@ def test_lora_modules_to_save_refuses_a_quantized_module(tiny_bert, banking_smal
     r = recipe_from_dict(data)
     t = get_task_class(r.task)(r)
     t.set_labels(CLS_LABELS)
-    with pytest.raises(PeftlabError, match=r"method.modules_to_save: bert.pooler.dense.weight is quantized"):
+    with pytest.raises(PeftlabError, match=r"method.modules_to_save: bert.pooler.dense.weight is quantized "
+                                           r".*backbone.unquantized_modules: \[pooler\]"):
         build_model(r, t)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantized_lora_trains_a_pooler_kept_unquantized(tiny_bert, banking_small, tmp_path, quantization):
+    """backbone.unquantized_modules: [pooler] keeps bert.pooler.dense in float32 under int8/nf4 (the
+    encoder stays quantized), so LoRA's modules_to_save can train it; it saves and reloads."""
+    out = tmp_path / quantization
+    data = cls_recipe(tiny_bert, banking_small, out, {"name": "lora", "r": 4, "alpha": 8, "modules_to_save": ["pooler"]},
+                      epochs=2, lr=1e-2)
+    data["backbone"].update(quantization=quantization, unquantized_modules=["pooler"])
+    r = recipe_from_dict(data)
+    t = get_task_class(r.task)(r)
+    t.set_labels(CLS_LABELS)
+    base = build_model(r, t).model.get_base_model()
+    pooler = base.bert.pooler.modules_to_save["default"].dense
+    assert type(pooler) is torch.nn.Linear and pooler.weight.dtype == torch.float32 and pooler.weight.requires_grad
+    query = base.bert.encoder.layer[0].attention.self.query.base_layer
+    assert type(query).__name__ in ("Linear8bitLt", "Linear4bit") and not query.weight.is_floating_point()
+    peftlab.train(data)
+    from transformers import AutoModel
+    base_pooler = AutoModel.from_pretrained(tiny_bert).pooler.dense.weight
+    run = load_run(out)
+    trained = run.model.get_base_model().bert.pooler.modules_to_save["default"].dense.weight
+    assert trained.dtype == torch.float32 and not torch.equal(trained, base_pooler)
+    batch = run.tokenizer(["my card has not arrived"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(**batch).logits, load_run(out).model(**batch).logits)
+
+
+def test_unquantized_modules_typo_is_an_error(tiny_bert, banking_small, tmp_path):
+    data = cls_recipe(tiny_bert, banking_small, tmp_path / "out", {"name": "lora"}, epochs=1)
+    data["backbone"].update(quantization="int8", unquantized_modules=["poolr"])
+    with pytest.raises(PeftlabError, match=r"^backbone.unquantized_modules: 'poolr' matches no module of this bert model"):
+        peftlab.train(data)
+    assert not (tmp_path / "out").exists()

@@ -146,7 +146,7 @@ def check_modules_to_save(model: Any, names: Any) -> list[Any]:
                 if not p.is_floating_point():
                     raise PeftlabError(
                         f"method.modules_to_save: {name}.{pname} is quantized ({p.dtype}) and cannot train in "
-                        f"full; leave it out or set backbone.quantization: none"
+                        f"full; keep it in full precision with backbone.unquantized_modules: [{target}], or leave it out"
                     )
             found.append(modules[name])
     return found
