@@ -376,6 +376,13 @@ def test_quantized_lora_trains_a_pooler_kept_unquantized(tiny_bert, banking_smal
     batch = run.tokenizer(["my card has not arrived"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(run.model(**batch).logits, load_run(out).model(**batch).logits)
+    # merged (dequantized base + LoRA + the trained pooler) into a plain transformers checkpoint
+    from peftlab.merge import merge
+    report = merge(out, tmp_path / "merged", verify_examples=8)
+    assert report["kind"] == "dequantized" and report["passed"], report
+    from transformers import AutoModelForSequenceClassification
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged.bert.pooler.dense.weight, trained)
 
 
 def test_unquantized_modules_typo_is_an_error(tiny_bert, banking_small, tmp_path):
