@@ -48,9 +48,9 @@ class BackboneConfig(StrictModel):
     double_quant: bool = Field(True, description="nf4/fp4: also quantize the quantization constants.")
     unquantized_modules: list[str] = Field(
         default_factory=list,
-        description="int8/nf4/fp4: more modules loaded in full precision (names as bitsandbytes matches "
-        "them, e.g. [pooler]); needed for a module the method trains in full (method.modules_to_save). "
-        "The task head and layers the checkpoint lacks are always kept.",
+        description="int8/nf4/fp4: more modules loaded in full precision, each a module's full name or "
+        "dotted suffix (e.g. [pooler]); needed for a module the method trains in full "
+        "(method.modules_to_save). The task head and layers the checkpoint lacks are always kept.",
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
