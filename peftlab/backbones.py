@@ -191,6 +191,19 @@ def checkpoint_keys(path: str) -> Optional[set[str]]:
     return keys
 
 
+def match_modules(names: list[str], target: str, key: str, kind: str) -> list[str]:
+    """Module names equal to ``target`` or ending in ``.target`` (peft's modules_to_save rule); none is
+    an error naming ``key`` and a few of the model's module names."""
+    matched = [n for n in names if n == target or n.endswith("." + target)]
+    if not matched:
+        tops = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+        raise PeftlabError(
+            f"{key}: '{target}' matches no module of this {kind} model "
+            f"(module names end in e.g. {', '.join(tops[:12])})"
+        )
+    return matched
+
+
 def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict, path: str) -> list[str]:
     """Modules a quantized load must keep in full precision.
 
@@ -221,13 +234,7 @@ def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict
 
     names = [n for n, _ in skeleton.named_modules() if n]
     for target in cfg.unquantized_modules:
-        matched = [n for n in names if n == target or n.endswith("." + target)]
-        if not matched:
-            tops = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
-            raise PeftlabError(
-                f"backbone.unquantized_modules: '{target}' matches no module of this "
-                f"{config.model_type} model (module names end in e.g. {', '.join(tops[:12])})"
-            )
+        matched = match_modules(names, target, "backbone.unquantized_modules", config.model_type)
         for name, module in skeleton.named_modules():
             inside = any(name == m or name.startswith(m + ".") for m in matched)
             if inside and is_linear(module) and name not in skip:

@@ -128,19 +128,15 @@ def check_modules_to_save(model: Any, names: Any) -> list[Any]:
     nothing extra): every entry must name a module, by full name or dotted suffix, as peft matches.
     A module quantized at load (int8/nf4 weights) cannot train in full either. Returns the matched
     modules."""
+    from ..backbones import match_modules
+
     if not names:
         return []
     modules = {n: m for n, m in model.named_modules() if n}
     found = []
     for target in [names] if isinstance(names, str) else names:
-        matched = [n for n in modules if n == target or n.endswith("." + target)]
-        if not matched:
-            tops = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
-            kind = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
-            raise PeftlabError(
-                f"method.modules_to_save: '{target}' matches no module of this {kind} model "
-                f"(module names end in e.g. {', '.join(tops[:12])})"
-            )
+        kind = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
+        matched = match_modules(list(modules), target, "method.modules_to_save", kind)
         for name in matched:
             for pname, p in modules[name].named_parameters():
                 if not p.is_floating_point():
