@@ -717,6 +717,7 @@ def run_bench(
     *,
     quick: bool = False,
     only: Optional[list[str]] = None,
+    rerun: Optional[list[str]] = None,
     resume: bool = False,
     skip_failed: bool = False,
     keep_changed: bool = False,
@@ -726,7 +727,10 @@ def run_bench(
     report: bool = True,
     out: TextIO = sys.stderr,
 ) -> BenchSummary:
-    """Run every cell of the spec that has no finished record, then write the report."""
+    """Run every cell of the spec that has no finished record, then write the report.
+
+    ``only``: run only the cells (or configurations) matching these globs. ``rerun``: also run these
+    finished cells again from scratch (after a code change), replacing their records."""
     plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir)
     summary = BenchSummary(plan)
     jsonl = plan.results_dir / RESULTS_FILE
@@ -736,10 +740,14 @@ def run_bench(
 
     with _Lock(plan.work_dir / LOCK_FILE):
         records = {r["cell"]: r for r in read_records(jsonl, warn=out)}
-        todo, changed = [], []
+        todo, changed, again = [], [], []
         for cell in plan.cells:
             rec = records.get(cell.id)
             selected = _matches(cell.config, only) or _matches(cell.id, only)
+            if rerun and selected and (_matches(cell.config, rerun) or _matches(cell.id, rerun)):
+                again.append(cell.id)
+                todo.append(cell)
+                continue
             if rec is not None and rec.get("status") == "ok":
                 if rec.get("recipe_hash") == cell.recipe_hash or keep_changed:
                     summary.skipped.append(cell.id)
@@ -750,13 +758,17 @@ def run_bench(
                 continue
             if selected:
                 todo.append(cell)
-        n_ok = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "ok" and c.id not in changed)
+        n_ok = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "ok"
+                   and c.id not in changed and c.id not in again)
         say(f"{plan.name}: {len(plan.cells)} cells ({plan.profile} profile), {n_ok} finished, "
             f"{len(todo)} to run now; results: {jsonl}")
         if changed:
             say(f"{len(changed)} finished cell(s) were recorded with a different recipe/overrides than the spec "
                 f"gives now and will run again ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); "
                 f"--keep-changed keeps their records")
+        if again:
+            say(f"--rerun: {len(again)} cell(s) will run again from scratch, replacing their records "
+                f"({', '.join(again[:5])}{', ...' if len(again) > 5 else ''})")
         if list_only:
             for cell in plan.cells:
                 rec = records.get(cell.id)
@@ -780,7 +792,7 @@ def run_bench(
             failed = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "failed")
             say(f"[{done}/{len(plan.cells)} done{f', {failed} failed' if failed else ''}; this run: "
                 f"{i}/{len(todo)} done, {len(left)} left, ETA {eta_txt}] cell {cell.id}")
-            rec = _run_or_harvest(plan, cell, ctx, resume, say)
+            rec = _run_or_harvest(plan, cell, ctx, resume, say, fresh=cell.id in again)
             if rec.get("harvested"):
                 summary.harvested.append(cell.id)
             else:
@@ -811,11 +823,15 @@ def run_bench(
     return summary
 
 
-def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say) -> dict:
+def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: bool = False) -> dict:
+    """Run the cell in its own process and build its record. ``fresh`` (--rerun): train from scratch,
+    never record or resume the run folder left by an earlier run."""
     cell_dir = plan.work_dir / "cells" / cell.id
     run_dir = cell_dir / "run"
     if cell.problem:
         return build_record(plan, cell, ctx, None, status="failed", error=cell.problem)
+    if fresh and cell_dir.exists():
+        _remove_inside(cell_dir, plan.work_dir)
 
     # A run that finished but was never recorded (the bench died in between): record it, no training.
     info = _read_json(cell_dir / CELL_FILE)
@@ -944,6 +960,9 @@ def add_commands(sub, command) -> None:
     b.add_argument("--quick", action="store_true", help="the spec's quick profile (few steps, one seed; CI)")
     b.add_argument("--only", action="append", metavar="PATTERN",
                    help="run only configurations/cells matching this glob (repeatable)")
+    b.add_argument("--rerun", action="append", metavar="PATTERN",
+                   help="also run finished configurations/cells matching this glob again from scratch, "
+                        "replacing their records, e.g. after a code change (repeatable)")
     b.add_argument("--resume", action="store_true", help="continue a cell killed mid-way from its checkpoint")
     b.add_argument("--skip-failed", action="store_true", help="do not retry cells recorded as failed")
     b.add_argument("--keep-changed", action="store_true",
@@ -960,7 +979,7 @@ def add_commands(sub, command) -> None:
     @command("bench")
     def _bench(args) -> int:
         summary = run_bench(
-            args.spec, quick=args.quick, only=args.only, resume=args.resume, skip_failed=args.skip_failed,
+            args.spec, quick=args.quick, only=args.only, rerun=args.rerun, resume=args.resume, skip_failed=args.skip_failed,
             keep_changed=args.keep_changed, results_dir=args.results, work_dir=args.work,
             list_only=args.list, report=not args.no_report,
         )

@@ -115,6 +115,10 @@ class MethodSpec(BaseModel):
 
 class TrainConfig(StrictModel):
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
+    fused_optimizer: bool = Field(
+        True, description="Use torch's fused AdamW kernel when the device has one (CPU, CUDA); false = the "
+        "per-tensor loop (slower; results differ in the last bits).",
+    )
     lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
     head_lr: Optional[float] = Field(
         None, gt=0, description="Learning rate of the task head (default: train.lr)."

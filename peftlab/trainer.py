@@ -197,7 +197,18 @@ def make_optimizer(model: Any, trainable: dict[str, torch.nn.Parameter], recipe:
     param_groups = [
         {"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items(), key=lambda kv: kv[0])
     ]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, fused=cfg.fused_optimizer and fused_supported(trainable.values()))
+
+
+def fused_supported(params: Any) -> bool:
+    """True when torch has a fused AdamW kernel for every parameter (floating point, on a CPU, CUDA, ...
+    device). The fused kernel updates every tensor in one pass, several times faster than torch's
+    per-tensor loop over a full model's parameters on a CPU (benchmarks/optimizer_step.py); it is
+    also what the transformers Trainer uses by default (``adamw_torch_fused``)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def make_scheduler(optimizer: Any, recipe: Recipe, total_steps: int):
@@ -320,9 +331,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> d
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler, warmup = make_scheduler(optimizer, recipe, total_steps)
-    log.info("schedule: %d steps (%d epoch(s) x %d), warmup %d, %s decay, lr %g, batch %d x %d accum x %d proc",
-             total_steps, n_epochs, steps_per_epoch, warmup, cfg.scheduler, cfg.lr, cfg.batch_size,
-             cfg.grad_accum, accelerator.num_processes)
+    log.info("schedule: %d steps (%d epoch(s) x %d), warmup %d, %s decay, lr %g, batch %d x %d accum x %d proc, "
+             "AdamW (%s)", total_steps, n_epochs, steps_per_epoch, warmup, cfg.scheduler, cfg.lr, cfg.batch_size,
+             cfg.grad_accum, accelerator.num_processes,
+             "fused" if optimizer.param_groups[0].get("fused") else "per-tensor loop")
 
     state: dict[str, Any] = {
         "step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_step": None, "best_epoch": None,

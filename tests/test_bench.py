@@ -394,6 +394,32 @@ def test_killed_bench_runs_only_the_missing_cells(bench, tmp_path):
     assert new["head-s2"]["test"]["f1"] == pytest.approx(old["test"]["f1"], abs=1e-9)
 
 
+def test_rerun_option_trains_the_chosen_finished_cells_again(bench, tmp_path):
+    """--rerun PATTERN (after a code change): the matching finished cells train again from scratch
+    (their earlier run folders are neither recorded again nor resumed) and replace their records;
+    every other cell is left alone."""
+    jsonl = bench["results"] / "results.jsonl"
+    old, mtimes = records_by_cell(bench["results"]), _log_mtimes(bench)
+    with open(tmp_path / "list", "w") as fh:
+        run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"], skip_failed=True,
+                  rerun=["head-s1"], list_only=True, out=fh)
+    listed = (tmp_path / "list").read_text()
+    assert re.search(r"head-s1 +to run", listed) and re.search(r"lora-s1 +ok", listed), listed
+    assert records_by_cell(bench["results"]) == old and _log_mtimes(bench) == mtimes  # --list runs nothing
+    with open(tmp_path / "log", "w") as fh:
+        summary = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"],
+                            skip_failed=True, rerun=["head-s1"], out=fh)
+    assert summary.ran == ["head-s1"] and summary.harvested == [], (tmp_path / "log").read_text()
+    after, new = _log_mtimes(bench), records_by_cell(bench["results"])
+    assert after["head-s1"] > mtimes["head-s1"]
+    assert {k: v for k, v in after.items() if k != "head-s1"} == {k: v for k, v in mtimes.items() if k != "head-s1"}
+    assert set(new) == set(old) and new["head-s1"]["status"] == "ok"
+    assert new["head-s1"]["started_at"] >= old["head-s1"]["started_at"] and not new["head-s1"].get("harvested")
+    assert {k: v for k, v in new.items() if k != "head-s1"} == {k: v for k, v in old.items() if k != "head-s1"}
+    assert new["head-s1"]["test"]["f1"] == pytest.approx(old["head-s1"]["test"]["f1"], abs=1e-9)  # same seed
+    assert jsonl.read_text().count('"cell": "head-s1"') == 1
+
+
 def test_gpu_memory_columns_when_records_have_them(bench, tmp_path):
     """Records of GPU runs carry torch.cuda max allocated/reserved: the report shows and plots them."""
     recs = [r for r in read_records(bench["results"] / "results.jsonl") if r["status"] == "ok"]

@@ -117,6 +117,28 @@ def test_full_and_head_methods_train_and_reload(tiny_bert, banking_small, tmp_pa
         assert run.model(**batch).logits.shape == (1, 6)
 
 
+def test_fused_adamw_by_default_and_the_loop_on_request(tiny_bert, banking_small, tmp_path):
+    """train.fused_optimizer (default true) trains with torch's fused AdamW kernel (as the transformers
+    Trainer does); false with the per-tensor loop. Same updates up to float rounding."""
+    weights = {}
+    for fused in (True, False):
+        out = tmp_path / f"fused-{fused}"
+        recipe = cls_recipe(tiny_bert, banking_small, out, {"name": "full"}, lr=2e-3, max_steps=3)
+        if not fused:
+            recipe["train"]["fused_optimizer"] = False
+        peftlab.train(recipe)
+        log = (out / "train.log").read_text()
+        assert ("AdamW (fused)" if fused else "AdamW (per-tensor loop)") in log, log
+        assert f"fused_optimizer: {str(fused).lower()}" in (out / "recipe.yaml").read_text()
+        weights[fused] = load_file(str(out / "model" / "model.safetensors"))
+    start = load_file(str(Path(tiny_bert) / "model.safetensors"))
+    moved = [k for k in start if not torch.equal(start[k], weights[True]["bert." + k])]
+    assert len(moved) > 10  # the steps changed the encoder
+    assert weights[True].keys() == weights[False].keys()
+    for key in weights[True]:
+        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_existing_run_dir_is_refused(lora_run, tiny_bert, wnut_small):
     out, _ = lora_run
     recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4})
