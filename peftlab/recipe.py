@@ -50,7 +50,8 @@ class BackboneConfig(StrictModel):
         default_factory=list,
         description="int8/nf4/fp4: more modules loaded in full precision, each a module's full name or "
         "dotted suffix (e.g. [pooler]); needed for a module the method trains in full "
-        "(method.modules_to_save). The task head and layers the checkpoint lacks are always kept.",
+        "(method.modules_to_save). The task head and layers the checkpoint lacks are always kept. "
+        "With quantization none every module is already in full precision and this list is not used.",
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
