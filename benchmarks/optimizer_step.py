@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from peftlab.atomicio import write_json, write_text
     from peftlab.backbones import load_tokenizer
     from peftlab.runs import build_model
-    from peftlab.tasks import get_task_class
+    from peftlab.tasks import LengthGroupedEpochSampler, get_task_class
     from peftlab.trainer import cpu_cores, make_optimizer
 
     transformers.logging.set_verbosity_error()
@@ -75,8 +75,11 @@ def main(argv=None) -> int:
     splits = task.load_splits()
     encoded = task.encode(splits.train, tokenizer, "train")
     collate = task.collator(tokenizer)
-    order = list(range(len(encoded)))
-    random.Random(args.seed).shuffle(order)
+    if cfg.group_by_length:  # the batches the trainer would draw (its sampler, the recipe's seed)
+        order = list(LengthGroupedEpochSampler(encoded.lengths(), cfg.batch_size, cfg.seed))
+    else:
+        order = list(range(len(encoded)))
+        random.Random(cfg.seed).shuffle(order)
     batches = [collate([encoded[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]) for k in range(20)]
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 
@@ -137,6 +140,7 @@ def main(argv=None) -> int:
                          "p10_ms": round(percentile(t, 0.1), 2), "p90_ms": round(percentile(t, 0.9), 2),
                          "vs_fused": round(statistics.median(t) / fused_med, 3) if fused_med else None})
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
+    padded = statistics.mean(int(b["input_ids"].numel()) for b in batches)
     env = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "device": str(device),
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     }
     command = " ".join(["python", "benchmarks/optimizer_step.py", *argv])
     report = {"command": command, "env": env, "recipe": args.recipe, "method": recipe.method.name,
-              "trainable_params": n_trainable, "batch_size": cfg.batch_size, "mean_tokens_per_batch": tokens,
+              "trainable_params": n_trainable, "batch_size": cfg.batch_size, "mean_tokens_per_batch": tokens, "mean_padded_tokens_per_batch": padded,
               "fused_kernel_used": {name: v[3] for name, v in variants.items()}, "rows": rows,
               "samples_per_s": {name: round(cfg.batch_size / (statistics.median(times[name]["total"]) / 1000), 1)
                                 for name in variants}}
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
         f"thread(s)); load average at the end {', '.join(f'{x:.1f}' for x in env['load_average'])}",
         f"- torch {env['torch']}, transformers {env['transformers']}, peftlab {env['peftlab']}",
         f"- recipe `{args.recipe}`: method `{recipe.method.name}`, {n_trainable:,} trainable parameters, "
-        f"batch {cfg.batch_size} ({tokens:.0f} tokens with padding on average), max_grad_norm {cfg.max_grad_norm}",
+        f"batch {cfg.batch_size}: the first 20 batches the trainer draws (group_by_length {cfg.group_by_length}), "
+        f"{tokens:.0f} tokens, {padded:.0f} with padding, on average; max_grad_norm {cfg.max_grad_norm}",
         f"- fused kernel in use: fused variant {variants['fused'][3]}, loop variant {variants['loop'][3]}",
         f"- {args.rounds} timed steps per variant after {args.warmup} warm-up steps; steps interleaved in a shuffled "
         "order each round",
