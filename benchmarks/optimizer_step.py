@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -42,13 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -60,6 +52,7 @@ def main(argv=None) -> int:
     import peftlab
     from peftlab.atomicio import write_json, write_text
     from peftlab.backbones import load_tokenizer
+    from peftlab.bench import git_info, machine_info, versions
     from peftlab.runs import build_model
     from peftlab.tasks import LengthGroupedEpochSampler, get_task_class
     from peftlab.trainer import cpu_cores, make_optimizer
@@ -136,23 +129,15 @@ def main(argv=None) -> int:
         fused_med = statistics.median(times["fused"][part])
         for name in variants:
             t = times[name][part]
+            deciles = statistics.quantiles(t, n=10, method="inclusive")
             rows.append({"part": part, "variant": name, "median_ms": round(statistics.median(t), 2),
-                         "p10_ms": round(percentile(t, 0.1), 2), "p90_ms": round(percentile(t, 0.9), 2),
+                         "p10_ms": round(deciles[0], 2), "p90_ms": round(deciles[-1], 2),
                          "vs_fused": round(statistics.median(t) / fused_med, 3) if fused_med else None})
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
     padded = statistics.mean(int(b["input_ids"].numel()) for b in batches)
-    env = {
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_cores_visible": cpu_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peftlab": peftlab.__version__,
-    }
+    env = {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": str(device),
+           "machine": machine_info(), "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+           "versions": versions(), "git": git_info()}
     command = " ".join(["python", "benchmarks/optimizer_step.py", *argv])
     report = {"command": command, "env": env, "recipe": args.recipe, "method": recipe.method.name,
               "trainable_params": n_trainable, "batch_size": cfg.batch_size, "mean_tokens_per_batch": tokens, "mean_padded_tokens_per_batch": padded,
@@ -166,9 +151,10 @@ def main(argv=None) -> int:
         f"Reproduce: `{command}` (from the repository root)",
         "",
         f"- generated {env['date_utc']} UTC by benchmarks/optimizer_step.py (not hand-edited)",
-        f"- device {device} ({env['cpu']}, {env['cpu_cores_visible']} cores visible, {env['torch_threads']} torch "
-        f"thread(s)); load average at the end {', '.join(f'{x:.1f}' for x in env['load_average'])}",
-        f"- torch {env['torch']}, transformers {env['transformers']}, peftlab {env['peftlab']}",
+        f"- device {device} ({env['machine']['cpu']}, {env['machine']['cores']} cores visible, {env['torch_threads']} "
+        f"torch thread(s)); load average at the end {', '.join(f'{x:.1f}' for x in env['load_average'])}",
+        f"- {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}; git {(env['git']['commit'] or 'unknown')[:10]}"
+        f"{' (with uncommitted changes)' if env['git']['dirty'] else ''}",
         f"- recipe `{args.recipe}`: method `{recipe.method.name}`, {n_trainable:,} trainable parameters, "
         f"batch {cfg.batch_size}: the first 20 batches the trainer draws (group_by_length {cfg.group_by_length}), "
         f"{tokens:.0f} tokens, {padded:.0f} with padding, on average; max_grad_norm {cfg.max_grad_norm}",
