@@ -299,6 +299,11 @@ def _matches(name: str, patterns: Optional[list[str]]) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
 
 
+def _cell_matches(cell: Cell, patterns: Optional[list[str]]) -> bool:
+    """A cell is selected by a glob on its configuration name or on its id (e.g. ``lora`` or ``lora-s43``)."""
+    return _matches(cell.config, patterns) or _matches(cell.id, patterns)
+
+
 def plan_bench(
     spec_path: Union[str, os.PathLike],
     quick: bool = False,
@@ -743,8 +748,8 @@ def run_bench(
         todo, changed, again = [], [], []
         for cell in plan.cells:
             rec = records.get(cell.id)
-            selected = _matches(cell.config, only) or _matches(cell.id, only)
-            if rerun and selected and (_matches(cell.config, rerun) or _matches(cell.id, rerun)):
+            selected = _cell_matches(cell, only)
+            if rerun and selected and _cell_matches(cell, rerun):
                 again.append(cell.id)
                 todo.append(cell)
                 continue
@@ -788,8 +793,10 @@ def run_bench(
             eta = [_estimate(c, records) for c in left]
             known = [e for e in eta if e is not None]
             eta_txt = _fmt_duration(sum(known) * len(left) / len(known)) if known else "? (after the first cell)"
-            done = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "ok")
-            failed = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "failed")
+            # a cell still to run in this run (re-run, changed recipe, failed before) is not done yet
+            pending = {c.id for c in left}
+            finished = [records.get(c.id, {}).get("status") for c in plan.cells if c.id not in pending]
+            done, failed = finished.count("ok"), finished.count("failed")
             say(f"[{done}/{len(plan.cells)} done{f', {failed} failed' if failed else ''}; this run: "
                 f"{i}/{len(todo)} done, {len(left)} left, ETA {eta_txt}] cell {cell.id}")
             rec = _run_or_harvest(plan, cell, ctx, resume, say, fresh=cell.id in again)

@@ -409,7 +409,11 @@ def test_rerun_option_trains_the_chosen_finished_cells_again(bench, tmp_path):
     with open(tmp_path / "log", "w") as fh:
         summary = run_bench(bench["spec"], quick=True, results_dir=bench["results"], work_dir=bench["work"],
                             skip_failed=True, rerun=["head-s1"], out=fh)
-    assert summary.ran == ["head-s1"] and summary.harvested == [], (tmp_path / "log").read_text()
+    log = (tmp_path / "log").read_text()
+    assert summary.ran == ["head-s1"] and summary.harvested == [], log
+    # while it runs again, the re-run cell is not counted as done
+    n_ok = sum(1 for r in old.values() if r["status"] == "ok")
+    assert re.search(rf"\[{n_ok - 1}/\d+ done(, \d+ failed)?; this run: 0/1 done, 1 left, ETA [^\]]+\] cell head-s1", log), log
     after, new = _log_mtimes(bench), records_by_cell(bench["results"])
     assert after["head-s1"] > mtimes["head-s1"]
     assert {k: v for k, v in after.items() if k != "head-s1"} == {k: v for k, v in mtimes.items() if k != "head-s1"}

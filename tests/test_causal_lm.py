@@ -277,16 +277,19 @@ def _constant_files(tmp_path, banking_small):
 LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-@pytest.mark.parametrize("method", [{"name": "full"},
-                                    {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": LORA_ALL}])
-def test_learned_completion_is_generated_exactly(method, tiny_llama, banking_small, tmp_path):
+# To generate "yes" + end-of-sequence the model must tell the position after "y" from the one before it;
+# with frozen std-0.02 input embeddings LoRA gets there on some trajectories only (lr 3e-2, seeds 1-3 x
+# fused/loop AdamW: exact match 1.0 on 3 of 6, the others stuck on "yyyyyy" at loss ~0.46). With LoRA on
+# the input embeddings too and lr 1e-2 it converged on all 6, dev exact match 1.0 from epoch 3 and
+# loss <= 2e-4 at epoch 10 (measured here), so the test does not rest on one lucky trajectory.
+@pytest.mark.parametrize("method,lr", [
+    ({"name": "full"}, 3e-2),
+    ({"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": [*LORA_ALL, "embed_tokens"]}, 1e-2),
+], ids=["full", "lora"])
+def test_learned_completion_is_generated_exactly(method, lr, tiny_llama, banking_small, tmp_path):
     files = _constant_files(tmp_path, banking_small)
-    recipe = gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=10, batch_size=16,
+    recipe = gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=lr, epochs=10, batch_size=16,
                         gradient_checkpointing=method["name"] == "full")
-    # KNOWN FRAGILE (open): the LoRA case reaches 1.0 on some training trajectories only (lr 3e-2,
-    # seeds 1-3 x fused/loop AdamW: 4 of 6 reach >= 0.87, 1.0 not on all); it passed with the loop
-    # kernel, which it keeps until the test is redesigned to be robust to float rounding.
-    recipe["train"]["fused_optimizer"] = False
     metrics = peftlab.train(recipe)
     assert metrics["test"]["exact_match"] == 1.0, metrics["test"]["samples"][:3]
     assert metrics["test"]["token_f1"] == 1.0
@@ -399,19 +402,27 @@ def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
 
 
 def test_predict_and_merge_a_generation_run(tiny_llama, banking_small, tmp_path):
-    """`peftlab predict` on a generation run (prompt in, completion out), then on its verified merge."""
+    """`peftlab predict` on a generation run (prompt in, completion out) gives what the run's own model
+    generates; its verified merge is a plain causal LM checkpoint with the trained update folded into
+    the weights, and predicts the same. (Whether the completion is the learned one is the test above.)"""
+    from safetensors.torch import load_file
+
     from peftlab.api import merge, predict
+    from peftlab.runs import load_run
 
     files = _constant_files(tmp_path, banking_small)
     method = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": LORA_ALL}
-    recipe = gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=10, batch_size=16)
-    recipe["train"]["fused_optimizer"] = False  # the same fragile trajectory as above (open)
-    peftlab.train(recipe)
+    peftlab.train(gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=4, batch_size=16))
     texts = ["Where is my card?", "I lost my PIN"]
     rows = predict(tmp_path / "run", texts)
-    assert [r["completion"] for r in rows] == ["yes", "yes"] and [r["text"] for r in rows] == texts
+    run = load_run(tmp_path / "run")
+    completions = run.task.generate(run.model, run.tokenizer, texts)
+    assert [r["completion"] for r in rows] == completions and [r["text"] for r in rows] == texts
     report = merge(tmp_path / "run", tmp_path / "merged", verify_examples=8)
     assert report["passed"] and report["kind"] == "exact" and report["agreement"] == 1.0
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    merged, base = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(tiny_llama / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert merged[key].shape == base[key].shape and not torch.allclose(merged[key], base[key])
+    assert not any("lora" in k for k in merged)
     # the merged folder is a plain causal LM checkpoint; the run's prompt template travels with it
-    assert [r["completion"] for r in predict(tmp_path / "merged", texts)] == ["yes", "yes"]
+    assert [r["completion"] for r in predict(tmp_path / "merged", texts)] == completions
