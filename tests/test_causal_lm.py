@@ -330,24 +330,21 @@ def test_loss_through_prefix_and_qlora_matches_full_logits(method, quantization,
     task, tok, model = _built(tiny_llama, banking_small, tmp_path, method, quantization)
     batch = task.collator(tok)(task.encode(EXAMPLES, tok, "train").features)
     model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         loss = task.training_loss(model, batch)
-        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
-    assert torch.allclose(loss, reference, atol=1e-5)
+        reference = model(**inputs, labels=batch["labels"])
+    assert torch.allclose(loss, reference.loss, atol=1e-5)
     if method["name"] == "prefix":  # the prefix really takes part in the forward pass
         from peftlab.methods.prefix import prefix_disabled
 
         # The tiny random model's tied std-0.02 embeddings keep every loss near ln(vocab) whatever the
-        # hidden states (the prefix moved it by 1e-4 to 1e-3, depending on its random init), so the check
+        # hidden states (the prefix moved it by 2e-4 to 3e-3, depending on its random init), so the check
         # is on the logits, which it moves by orders of magnitude more than float noise.
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        with torch.no_grad():
-            logits = model(**inputs).logits
-            with prefix_disabled(model):
-                bare = model(**inputs).logits
-                bare_loss = task.training_loss(model, batch)
-        assert logits.shape == bare.shape and (logits - bare).abs().max() > 1e-2
+        with torch.no_grad(), prefix_disabled(model):
+            bare = model(**inputs).logits
+            bare_loss = task.training_loss(model, batch)
+        assert reference.logits.shape == bare.shape and (reference.logits - bare).abs().max() > 1e-2
         assert bare_loss != loss
 
 
