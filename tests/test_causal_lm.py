@@ -407,17 +407,21 @@ def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
     assert metrics["test"]["completion_tokens"] == sum(sum(1 for x in f["labels"] if x != -100) for f in enc.features)
 
 
-def test_predict_and_merge_a_generation_run(tiny_llama, banking_small, tmp_path):
+# tied input/output embeddings: LoRA on the output layer, on both, or on the input embeddings only
+@pytest.mark.parametrize("targets", [LORA_ALL, [*LORA_ALL, "embed_tokens"], ["q_proj", "v_proj", "embed_tokens"]],
+                         ids=["lm_head", "lm_head+embed_tokens", "embed_tokens"])
+def test_predict_and_merge_a_generation_run(targets, tiny_llama, banking_small, tmp_path):
     """`peftlab predict` on a generation run (prompt in, completion out) gives what the run's own model
     generates; its verified merge is a plain causal LM checkpoint with the trained update folded into
-    the weights, and predicts the same. (Whether the completion is the learned one is the test above.)"""
+    the weights, and predicts the same, whichever of the tied input/output embeddings LoRA adapted.
+    (Whether the completion is the learned one is the test above.)"""
     from safetensors.torch import load_file
 
     from peftlab.api import merge, predict
     from peftlab.runs import load_run
 
     files = _constant_files(tmp_path, banking_small)
-    method = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": LORA_ALL}
+    method = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": targets}
     peftlab.train(gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=4, batch_size=16))
     texts = ["Where is my card?", "I lost my PIN"]
     rows = predict(tmp_path / "run", texts)
@@ -430,5 +434,9 @@ def test_predict_and_merge_a_generation_run(tiny_llama, banking_small, tmp_path)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert merged[key].shape == base[key].shape and not torch.allclose(merged[key], base[key])
     assert not any("lora" in k for k in merged)
+    # the tied weight is untied in the merge: each path carries its own update (or none), as in training
+    emb = base["model.embed_tokens.weight"]
+    assert torch.equal(merged["model.embed_tokens.weight"], emb) == ("embed_tokens" not in targets)
+    assert torch.equal(merged["lm_head.weight"], emb) == ("lm_head" not in targets)
     # the merged folder is a plain causal LM checkpoint; the run's prompt template travels with it
     assert [r["completion"] for r in predict(tmp_path / "merged", texts)] == completions

@@ -149,16 +149,18 @@ def check_modules_to_save(model: Any, names: Any) -> list[Any]:
 
 
 def merge_peft_model(model: Any) -> Any:
-    """``merge_and_unload`` of a peft model. An adapted output layer (e.g. ``lm_head`` in
-    target_modules) whose weight is tied to the input embeddings would, once merged, change the
-    embeddings too: it gets its own copy first, and the config records that the merged checkpoint's
-    weights are no longer tied."""
+    """``merge_and_unload`` of a peft model. When the output layer (e.g. ``lm_head``) shares its weight
+    with the input embeddings and an adapter sits on either of them, merging would fold that update
+    into both, unlike the trained model (which adapts one path only): the output layer gets its own
+    copy first, and the config records that the merged checkpoint's weights are no longer tied."""
     base = model.get_base_model()
     out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    layer = getattr(out, "base_layer", None)  # an adapter-wrapped output layer
-    if layer is not None and emb is not None and layer.weight is emb.weight:
-        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    # an adapter-wrapped layer keeps the original as base_layer
+    out_layer, emb_layer = getattr(out, "base_layer", out), getattr(emb, "base_layer", emb)
+    adapted = out_layer is not out or emb_layer is not emb
+    if adapted and out_layer is not None and emb_layer is not None and out_layer.weight is emb_layer.weight:
+        out_layer.weight = torch.nn.Parameter(out_layer.weight.detach().clone(), requires_grad=False)
         for cfg in (base.config, getattr(base.config, "get_text_config", lambda: None)()):
             if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
