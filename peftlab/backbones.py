@@ -316,7 +316,23 @@ def load_model(
                 f"unless backbone.allow_pickle: true"
             ) from None
         raise _hub_error(cfg, exc) from None
+    if cfg.quantization in ("nf4", "fp4"):
+        keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """Keep every 4-bit layer in bitsandbytes' standard layout (dequantize, then matmul) on CPUs too.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` that runs in eval mode without gradients repacks its
+    weight in place into a CPU inference format with bfloat16 scales. That computes another function
+    than training does, training after an evaluation then fails ("a view of a leaf Variable ... in-place"),
+    and layers narrower than the 64-wide quantization block fail at once (all seen with bitsandbytes
+    0.50.2 on an Intel Xeon). Other CPUs and GPUs never take that path, so turning it off changes nothing
+    there."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def find_head_names(model: Any) -> list[str]:

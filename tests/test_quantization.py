@@ -65,6 +65,29 @@ def test_linear_weights_quantized_head_full_precision(tiny_bert, quantization):
     assert q.shape == f.shape == (1, 4, 5) and torch.isfinite(q).all()
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+def test_4bit_eval_keeps_the_training_layout(tiny_bert, quantization):
+    """An eval forward without gradients computes what the gradient path computes and leaves the 4-bit
+    weights as they were, so training can follow an evaluation. (On CPUs with AVX512-BF16, bitsandbytes
+    would otherwise repack them into a bf16 inference format on the first such forward: this test then
+    failed here on the tiny model's 32-wide layers, and training after evaluation failed on MiniLM.)"""
+    model = load_model(BackboneConfig(name=str(tiny_bert), quantization=quantization), TOKEN, KW)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in layers]
+    batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102]])}
+    model.eval()
+    with torch.no_grad():
+        fast = model(**batch).logits
+    logits = model(**batch).logits  # the embeddings require grad: every 4-bit layer takes the autograd path
+    torch.testing.assert_close(fast, logits.detach(), rtol=1e-5, atol=1e-6)
+    for m, (w, absmax) in zip(layers, before):
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(m.weight.data, w) and torch.equal(m.weight.quant_state.absmax, absmax)
+    model.train()
+    model(**batch).logits.sum().backward()
+    assert model.classifier.weight.grad is not None
+
+
 def test_sequence_classification_pooler_quantized_when_in_checkpoint(tiny_bert):
     model = load_model(BackboneConfig(name=str(tiny_bert), quantization="nf4"), SEQ, KW)
     assert_quantized(model, "nf4", {"classifier"})
