@@ -222,12 +222,14 @@ def test_quantization_claim_holds(tiny_bert, wnut_small, tmp_path, name, quantiz
     fp = build(tiny_bert, wnut_small, name, task)
     train_steps(fp, batch, steps=4, lr=3e-2)
     # a few steps on a tiny batch barely move some tuners (IA3, VeRA scales): push every tuner weight
-    # well away from its initialisation so the adapter, not the quantization, dominates the change
+    # well away from its initialisation so the adapter, not the quantization, dominates the change.
+    # (With 0.5 * randn, IA3 and RoAd on nf4 changed the function only 2.6x as much as quantization did
+    # on an Intel Xeon; with 1.0 the smallest ratio there is 4.4, cos >= 0.96, rel <= 0.29 over all tuners.)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in fp.method.trainable_parameters(fp.model).items():
             if not is_head_parameter(n, fp.ctx.head_names):
-                p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                p.add_(1.0 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     fp.method.save(fp.model, tmp_path, fp.ctx)
     q = build(tiny_bert, wnut_small, name, task, quantization=quantization)
     base_fp, base_q = hidden(fp.ctx.load_base(), batch), hidden(q.ctx.load_base(), batch)
