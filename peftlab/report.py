@@ -236,10 +236,14 @@ def comparisons(summary: Summary) -> list[dict]:
         if not target or target not in by_name:
             continue
         ours = by_name[target]
+        from .bench import machine_summary
+
+        # throughput and memory compare only on one machine; the metric difference holds anywhere
+        machines = sorted({machine_summary(r["machine"]) for r in ours.records + row.records if r.get("machine")})
 
         def ratio(key: str) -> Optional[float]:
             a, b = ours.stats.get(key), row.stats.get(key)
-            if a is None or b is None or a.mean is None or not b.mean:
+            if a is None or b is None or a.mean is None or not b.mean or len(machines) > 1:
                 return None
             return a.mean / b.mean
 
@@ -252,7 +256,7 @@ def comparisons(summary: Summary) -> list[dict]:
             "samples_per_s_ratio": ratio("samples_per_s"), "tokens_per_s_ratio": ratio("tokens_per_s"),
             "peak_rss_ratio": ratio("peak_rss_mib"), "train_time_ratio": ratio("train_time_s"),
             f"test_{m}_peftlab": a.mean if a else None, f"test_{m}_baseline": b.mean if b else None,
-            f"test_{m}_diff": diff,
+            f"test_{m}_diff": diff, "machine_count": len(machines), "machines": " and ".join(machines),
         })
     return out
 
@@ -370,6 +374,10 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
                          f"{f(c[f'test_{m}_peftlab'], '{:.4f}')} | {f(c[f'test_{m}_baseline'], '{:.4f}')} | "
                          f"{f(c[f'test_{m}_diff'], '{:+.4f}')} |")
         lines.append("")
+        for c in comps:
+            if c["machine_count"] > 1:
+                lines += [f"{c['peftlab']} vs {c['baseline']}: their cells ran on different machines "
+                          f"({c['machines']}), so no throughput or memory ratio is given.", ""]
 
     cross = [(_get(r, "memory", "peak_rss_bytes"), _get(r, "memory", "parent_peak_rss_bytes")) for r in s.ok]
     cross = [(a, b) for a, b in cross if a and b]

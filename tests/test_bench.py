@@ -260,6 +260,35 @@ def test_report_header_and_baseline_comparison(bench):
     assert "## peftlab vs a plain transformers Trainer script" in md
 
 
+def test_comparison_across_machines_gives_no_speed_ratio(bench, tmp_path):
+    """A spec finished over several sessions may hold a peftlab cell and its Trainer baseline from two
+    machines: the metric difference still holds, a throughput or memory ratio would not."""
+    shutil.copy(bench["results"] / "plan.json", tmp_path / "plan.json")
+    lines = (bench["results"] / "results.jsonl").read_text().splitlines()
+    out = []
+    for line in lines:
+        rec = json.loads(line)
+        if rec["cell"] == "baseline-trainer-lora-s1":
+            rec["machine"] = {**rec["machine"], "cpu": "Other CPU"}
+        out.append(json.dumps(rec))
+    (tmp_path / "results.jsonl").write_text("\n".join(out) + "\n")
+    write_report(tmp_path / "results.jsonl")
+    with open(tmp_path / "baseline_comparison.csv", newline="") as fh:
+        (comp,) = list(csv.DictReader(fh))
+    assert comp["samples_per_s_ratio"] == comp["peak_rss_ratio"] == "" and comp["machine_count"] == "2"
+    recs = records_by_cell(bench["results"])
+    assert float(comp["test_f1_diff"]) == pytest.approx(
+        recs["lora-s1"]["test"]["f1"] - recs["baseline-trainer-lora-s1"]["test"]["f1"], abs=1e-12)
+    md = (tmp_path / "report.md").read_text()
+    assert "lora vs baseline-trainer-lora: their cells ran on different machines (" in md
+    assert "Other CPU" in md and "**Machines:** " in md
+    # on one machine (the bench's own report) the ratio is there and nothing is said
+    with open(bench["results"] / "baseline_comparison.csv", newline="") as fh:
+        (same,) = list(csv.DictReader(fh))
+    assert same["samples_per_s_ratio"] and same["machine_count"] == "1"
+    assert "different machines" not in (bench["results"] / "report.md").read_text()
+
+
 def test_records_of_an_older_recipe_are_listed_not_averaged(bench, tmp_path):
     """A cell recorded before its recipe (or baseline script) changed stays in the JSONL until the bench
     re-runs it; the report must not average it with current cells nor compare against it."""
