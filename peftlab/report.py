@@ -228,6 +228,8 @@ def _method_text(row: Row) -> str:
 
 
 def comparisons(summary: Summary) -> list[dict]:
+    from .bench import machine_summary
+
     by_name = {r.config: r for r in summary.rows}
     out = []
     m = summary.metric
@@ -236,8 +238,6 @@ def comparisons(summary: Summary) -> list[dict]:
         if not target or target not in by_name:
             continue
         ours = by_name[target]
-        from .bench import machine_summary
-
         # throughput and memory compare only on one machine; the metric difference holds anywhere
         machines = sorted({machine_summary(r["machine"]) for r in ours.records + row.records if r.get("machine")})
 
