@@ -408,9 +408,11 @@ def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
 
 
 # tied input/output embeddings: LoRA on the output layer, on both, or on the input embeddings only
-@pytest.mark.parametrize("targets", [LORA_ALL, [*LORA_ALL, "embed_tokens"], ["q_proj", "v_proj", "embed_tokens"]],
-                         ids=["lm_head", "lm_head+embed_tokens", "embed_tokens"])
-def test_predict_and_merge_a_generation_run(targets, tiny_llama, banking_small, tmp_path):
+@pytest.mark.parametrize("targets,saved", [(LORA_ALL, []), ([*LORA_ALL, "embed_tokens"], []),
+                                           (["q_proj", "v_proj", "embed_tokens"], []),
+                                           (["q_proj", "v_proj"], ["embed_tokens"])],
+                         ids=["lm_head", "lm_head+embed_tokens", "embed_tokens", "saved-embed_tokens"])
+def test_predict_and_merge_a_generation_run(targets, saved, tiny_llama, banking_small, tmp_path):
     """`peftlab predict` on a generation run (prompt in, completion out) gives what the run's own model
     generates; its verified merge is a plain causal LM checkpoint with the trained update folded into
     the weights, and predicts the same, whichever of the tied input/output embeddings LoRA adapted.
@@ -421,7 +423,7 @@ def test_predict_and_merge_a_generation_run(targets, tiny_llama, banking_small, 
     from peftlab.runs import load_run
 
     files = _constant_files(tmp_path, banking_small)
-    method = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": targets}
+    method = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": targets, "modules_to_save": saved}
     peftlab.train(gen_recipe(tiny_llama, files, tmp_path / "run", method, lr=3e-2, epochs=4, batch_size=16))
     texts = ["Where is my card?", "I lost my PIN"]
     rows = predict(tmp_path / "run", texts)
@@ -436,7 +438,7 @@ def test_predict_and_merge_a_generation_run(targets, tiny_llama, banking_small, 
     assert not any("lora" in k for k in merged)
     # the tied weight is untied in the merge: each path carries its own update (or none), as in training
     emb = base["model.embed_tokens.weight"]
-    assert torch.equal(merged["model.embed_tokens.weight"], emb) == ("embed_tokens" not in targets)
+    assert torch.equal(merged["model.embed_tokens.weight"], emb) == ("embed_tokens" not in targets + saved)
     assert torch.equal(merged["lm_head.weight"], emb) == ("lm_head" not in targets)
     # the merged folder is a plain causal LM checkpoint; the run's prompt template travels with it
     assert [r["completion"] for r in predict(tmp_path / "merged", texts)] == completions
