@@ -407,7 +407,8 @@ def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
     assert metrics["test"]["completion_tokens"] == sum(sum(1 for x in f["labels"] if x != -100) for f in enc.features)
 
 
-# tied input/output embeddings: LoRA on the output layer, on both, or on the input embeddings only
+# tied input/output embeddings: LoRA on the output layer, on both, or on the input embeddings only; or
+# the input embeddings trained in full (modules_to_save: peft's merge_and_unload unties those itself)
 @pytest.mark.parametrize("targets,saved", [(LORA_ALL, []), ([*LORA_ALL, "embed_tokens"], []),
                                            (["q_proj", "v_proj", "embed_tokens"], []),
                                            (["q_proj", "v_proj"], ["embed_tokens"])],
@@ -415,7 +416,8 @@ def test_two_process_ddp_generation_run(tiny_llama, banking_small, tmp_path):
 def test_predict_and_merge_a_generation_run(targets, saved, tiny_llama, banking_small, tmp_path):
     """`peftlab predict` on a generation run (prompt in, completion out) gives what the run's own model
     generates; its verified merge is a plain causal LM checkpoint with the trained update folded into
-    the weights, and predicts the same, whichever of the tied input/output embeddings LoRA adapted.
+    the weights, and predicts the same, whichever of the tied input/output embeddings LoRA adapted
+    or trained in full.
     (Whether the completion is the learned one is the test above.)"""
     from safetensors.torch import load_file
 
