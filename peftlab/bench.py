@@ -482,19 +482,6 @@ def gpu_info() -> list[dict]:
     return []
 
 
-def machine_summary(m: dict) -> str:
-    text = f"{m.get('cpu')} ({m.get('cores')} cores"
-    if m.get("memory_gib"):
-        text += f", {m['memory_gib']} GiB RAM"
-    text += ")"
-    gpus = m.get("gpus") or []
-    if gpus:
-        text += "; GPU: " + ", ".join(f"{g['name']} ({g.get('memory_gib')} GiB)" for g in gpus)
-    else:
-        text += "; no GPU"
-    return text
-
-
 # ------------------------------------------------------------------------------------- records
 
 

@@ -227,9 +227,21 @@ def _method_text(row: Row) -> str:
     return method
 
 
-def comparisons(summary: Summary) -> list[dict]:
-    from .bench import machine_summary
+def machine_summary(m: dict) -> str:
+    """One line naming a record's machine (CPU, cores, RAM, GPUs): records with equal lines ran on one machine."""
+    text = f"{m.get('cpu')} ({m.get('cores')} cores"
+    if m.get("memory_gib"):
+        text += f", {m['memory_gib']} GiB RAM"
+    text += ")"
+    gpus = m.get("gpus") or []
+    if gpus:
+        text += "; GPU: " + ", ".join(f"{g['name']} ({g.get('memory_gib')} GiB)" for g in gpus)
+    else:
+        text += "; no GPU"
+    return text
 
+
+def comparisons(summary: Summary) -> list[dict]:
     by_name = {r.config: r for r in summary.rows}
     out = []
     m = summary.metric
@@ -296,8 +308,6 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
                   f"`{records_path.name}` and rewrites this report; `peftlab report {records_path}` rewrites "
                   f"only the report.", ""]
     machines: dict[str, int] = {}
-    from .bench import machine_summary
-
     for r in s.ok + s.failed:
         if r.get("machine"):
             key = machine_summary(r["machine"])
