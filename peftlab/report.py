@@ -275,12 +275,14 @@ def comparisons(summary: Summary) -> list[dict]:
 
 def peft_count_lines(s: Summary) -> list[str]:
     """One line comparing peftlab's trainable-parameter count with peft's own, per configuration."""
-    same, differ, no_peft = [], [], []
+    same, differ, no_peft, baselines = [], [], [], []
     for row in s.rows:
         pairs = [(_get(r, "params", "trainable_params"), _get(r, "params", "peft_trainable_params")) for r in row.records]
         if not pairs:
             continue
-        if all(p is None for _, p in pairs):
+        if row.first("kind") == "baseline":
+            baselines.append(row.config)
+        elif all(p is None for _, p in pairs):
             no_peft.append(row.config)
         elif all(a == p for a, p in pairs):
             same.append(row.config)
@@ -295,6 +297,8 @@ def peft_count_lines(s: Summary) -> list[str]:
         text += f"; **different** for {', '.join(differ)}"
     if no_peft:
         text += f"; no peft model (counted by peftlab alone) for {', '.join(no_peft)}"
+    if baselines:
+        text += f"; counted by the baseline script itself (`requires_grad` parameters) for {', '.join(baselines)}"
     return [text + ".", ""]
 
 

@@ -128,6 +128,7 @@ def test_quick_bench_writes_records_and_report(bench):
     md = (bench["results"] / "report.md").read_text()
     assert "against peft's own count (`get_nb_trainable_parameters()` of the peft model, task head included): " \
         "equal for lora;" in md and "no peft model (counted by peftlab alone) for " in md
+    assert "counted by the baseline script itself (`requires_grad` parameters) for baseline-trainer-" in md
     # the baseline trains the same LoRA: same trainable backbone parameter count as peftlab's LoRA,
     # the fully trained embeddings.LayerNorm (2 x hidden 32) included
     assert recs["lora-s1"]["params"]["trainable_params_without_head"] == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64)) + 64
