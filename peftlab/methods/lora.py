@@ -30,6 +30,12 @@ class LoraOptions(BaseModel):
     modules_to_save: list[str] = Field(
         [], description="More modules trained in full and saved with the adapter (the task head always is), e.g. [pooler]."
     )
+    fast_path: bool = Field(
+        True,
+        description="Run LoRA layers on linear bases through peftlab's own forward/backward (methods/lora_fast.py): "
+        "the same function and weights as peft's, dropout drawn once per shared input, less saved for backward. "
+        "false = peft's own forward.",
+    )
 
 
 @register_method
@@ -61,7 +67,14 @@ class Lora(Method):
 
         check_modules_to_save(model, self.options.modules_to_save)
         model = prepare_quantized(model, ctx)
-        return get_peft_model(model, self.peft_config(ctx))
+        return self._install_fast_path(get_peft_model(model, self.peft_config(ctx)))
+
+    def _install_fast_path(self, model: Any) -> Any:
+        if self.options.fast_path:
+            from .lora_fast import install
+
+            install(model)
+        return model
 
     def save(self, model: Any, folder: Path, ctx: MethodContext) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)
@@ -69,7 +82,7 @@ class Lora(Method):
     def load(self, folder: Path, ctx: MethodContext) -> Any:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False)
+        return self._install_fast_path(PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False))
 
     def merge(self, model: Any) -> Any:
         return merge_peft_model(model)

@@ -1,0 +1,181 @@
+"""peftlab's training path for peft LoRA layers: the same function and the same weights, less work.
+
+peft computes ``base(x) + B(A(dropout(x))) * scale`` with one ``nn.Dropout`` per adapted layer. On
+CPUs that is the bottleneck (``bernoulli_`` is most of a LoRA step's time), and autograd keeps every
+layer's dropped copy of its input plus the mask. This path, installed on the layers by
+:func:`install`, computes the same expression with one autograd function per layer that
+
+* draws the keep-mask from random integer bits (several times faster than ``bernoulli_`` on CPUs),
+  once per input tensor: layers that read the same tensor (q, k and v) share one mask, as a layer
+  with a fused qkv projection would;
+* saves for backward only the input (shared by the layers that read it), the rank-``r`` activation
+  and a seed, and draws the same mask again in backward;
+* leaves the frozen base layer (float, int8 or 4-bit) to its own forward and backward.
+
+The parameters stay peft's ``lora_A`` / ``lora_B`` modules, so saving, loading, merging and peft's
+parameter counts are unchanged. Layers this path does not cover (DoRA, a LoRA bias, several active
+adapters, merged or disabled adapters, mixed-adapter batches, autocast) run peft's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from typing import Any, Optional
+
+import torch
+
+# keep-mask resolution: one 16-bit draw per element, so p is rounded to a multiple of 1/65536
+_LEVELS = 1 << 16
+
+
+def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask of ``shape``, True (drop) with probability p (to 1/65536), a function of ``seed``."""
+    n = int(torch.Size(shape).numel())
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)  # four 16-bit draws per word
+    bits.random_(-(2**63), 2**63 - 1, generator=gen)
+    return (bits.view(torch.int16)[:n] < round(p * _LEVELS) - _LEVELS // 2).view(shape)
+
+
+class _SharedDropout:
+    """LoRA dropout once per input tensor: the layers that read the same tensor (q, k and v) share
+    one mask and one dropped copy, as a layer with a fused qkv projection would. The mask is drawn
+    from torch's default generator, so the run's seed fixes it."""
+
+    def __init__(self) -> None:
+        self._input: Optional[weakref.ref] = None
+        self._key: tuple = ()
+        self._out: Optional[tuple] = None
+
+    def __call__(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(dropped x, the mask of dropped elements), without the 1/(1-p) gain; (x, None) for p = 0."""
+        if p <= 0:
+            return x, None
+        key = (x._version, p)
+        if self._out is None or self._input is None or self._input() is not x or self._key != key:
+            with torch.no_grad():
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+                drop = drop_mask(x.shape, p, seed, x.device)
+                self._out = (x.masked_fill(drop, 0.0), drop)
+            self._input, self._key = weakref.ref(x), key
+        return self._out
+
+    def clear(self) -> None:
+        self._input, self._out = None, None
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x @ W^T + bias + (dropout(x) @ A^T) @ B^T * scale`` for a frozen float ``W``; with
+    ``weight=None`` the LoRA branch alone (the base layer then runs its own forward, e.g. int8/4-bit).
+    ``dropped`` and ``drop`` come from :class:`_SharedDropout`; backward keeps ``dropped``, the mask,
+    the weights and the rank-r activation h, nothing of size x for the frozen matmul."""
+
+    @staticmethod
+    def forward(ctx, x, dropped, drop, weight, bias, weight_a, weight_b, gain: float):
+        flat = x.reshape(-1, x.shape[-1])
+        if weight is None:
+            out = flat.new_zeros(flat.shape[0], weight_b.shape[0])
+        elif bias is None:
+            out = flat @ weight.t()
+        else:
+            out = torch.addmm(bias, flat, weight.t())
+        h = dropped.reshape(flat.shape) @ weight_a.t()
+        out.addmm_(h, weight_b.t(), alpha=gain)
+        ctx.save_for_backward(dropped, drop, weight, weight_a, weight_b, h)
+        ctx.gain = gain
+        return out.view(*x.shape[:-1], weight_b.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dropped, drop, weight, weight_a, weight_b, h = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_h = (g @ weight_b).mul_(ctx.gain)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[5]:
+            grad_a = grad_h.t() @ dropped.reshape(-1, dropped.shape[-1])
+        if ctx.needs_input_grad[6]:
+            grad_b = (g.t() @ h).mul_(ctx.gain)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_h @ weight_a
+            if drop is not None:
+                grad_x.masked_fill_(drop.reshape(grad_x.shape), 0.0)
+            if weight is not None:
+                grad_x.addmm_(g, weight)
+            grad_x = grad_x.view(dropped.shape)
+        return grad_x, None, None, None, None, grad_a, grad_b, None
+
+
+def _fast_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+    """The single active adapter this path computes, or None when peft's forward must run."""
+    if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled():
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
+        return None
+    return name
+
+
+def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = _fast_applies(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    gain = float(self.scaling[name]) / (1.0 - p)  # dropout's 1/(1-p) folded into the rank-r product
+    if _frozen_float(base, x, weight_a):  # one function for the base matmul and the branch
+        dropped, drop = self._peftlab_dropout(x, p)
+        return _LoraLinear.apply(x, dropped, drop, base.weight, base.bias, weight_a, weight_b, gain)
+    result = self.base_layer(x)
+    x = x.to(weight_a.dtype)
+    dropped, drop = self._peftlab_dropout(x, p)
+    branch = _LoraLinear.apply(x, dropped, drop, None, None, weight_a, weight_b, gain)
+    return result + branch.to(result.dtype)
+
+
+def _frozen_float(base: Any, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
+    """A plain float ``nn.Linear`` with a frozen weight (and bias), in the adapter's dtype."""
+    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return False
+    if base.bias is not None and base.bias.requires_grad:
+        return False
+    return base.weight.dtype == x.dtype == weight_a.dtype
+
+
+def lora_layers(model: Any) -> list[Any]:
+    """peft's LoRA layers on linear (float or bitsandbytes) base layers."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+            and _is_linear_base(m.get_base_layer())]
+
+
+def _is_linear_base(base: Any) -> bool:
+    return isinstance(base, torch.nn.Linear) or type(base).__name__ in ("Linear8bitLt", "Linear4bit")
+
+
+def install(model: Any) -> int:
+    """Route the forward of every LoRA layer on a linear base through this path; returns how many."""
+    dropout = _SharedDropout()
+    layers = lora_layers(model)
+    for layer in layers:
+        layer._peftlab_dropout = dropout
+        layer.forward = types.MethodType(_fast_forward, layer)
+    return len(layers)
+
+
+def uninstall(model: Any) -> None:
+    """Back to peft's own forward on every layer."""
+    for layer in lora_layers(model):
+        if "forward" in vars(layer):
+            del layer.forward
+        vars(layer).pop("_peftlab_dropout", None)

@@ -1,0 +1,192 @@
+"""peftlab's LoRA training path (methods/lora_fast.py) against peft's own forward on the same weights:
+same outputs and gradients (without dropout exactly the same expression; with dropout the same
+expression under the mask the path drew), shared masks for layers that read one tensor, the dropout
+rate, the fallbacks, and adapters that plain peft loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftlab.methods import lora_fast
+
+TOKEN = "AutoModelForTokenClassification"
+
+
+def _peft_bert(tiny_bert, dropout: float, quantization: str = "none", **lora):
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.backbones import load_model
+    from peftlab.recipe import BackboneConfig
+
+    torch.manual_seed(0)
+    base = load_model(BackboneConfig(name=str(tiny_bert), quantization=quantization), TOKEN,
+                      {"num_labels": 5}, device=torch.device("cpu"))
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                     modules_to_save=["classifier"], task_type="TOKEN_CLS", **lora)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():  # B starts at zero in peft: give it values so the branch counts
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _batch(n=3, length=7):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 3000, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    labels = torch.randint(0, 5, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def _disable_model_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and not any(m is d for layer in lora_fast.lora_layers(model)
+                                                      for d in layer.lora_dropout.values()):
+            m.p = 0.0
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_same_logits_and_gradients_as_peft_without_dropout(tiny_bert, quantization):
+    model = _peft_bert(tiny_bert, 0.0, quantization)
+    model.train()
+    _disable_model_dropout(model)
+    batch = _batch()
+    ref_logits, ref_grads = _loss_and_grads(model, batch)
+    assert lora_fast.install(model) == 12  # 2 layers x 6 linear; the head is saved in full
+    logits, grads = _loss_and_grads(model, batch)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    lora_fast.uninstall(model)
+    again, _ = _loss_and_grads(model, batch)
+    torch.testing.assert_close(again, ref_logits, rtol=0, atol=0)
+
+
+def test_dropout_gradients_match_peft_under_the_same_mask(tiny_bert):
+    """With dropout on, peft's expression evaluated with the masks the fast path drew gives the same
+    logits and gradients: the path changes how the mask is drawn and what is saved, not the function."""
+    p = 0.3
+    model = _peft_bert(tiny_bert, p)
+    model.train()
+    _disable_model_dropout(model)
+    lora_fast.install(model)
+    batch = _batch()
+    masks: dict = {}
+    real = lora_fast.drop_mask
+
+    def recording(shape, prob, seed, device):
+        mask = real(shape, prob, seed, device)
+        masks.setdefault(seed, mask)
+        return mask
+
+    lora_fast.drop_mask = recording
+    try:
+        logits, grads = _loss_and_grads(model, batch)
+    finally:
+        lora_fast.drop_mask = real
+    # layers that read one tensor drew one mask: 2 layers x (qkv, attention output, ffn in, ffn out)
+    assert len(masks) == 8
+    replay = iter(masks.values())
+    layers = lora_fast.lora_layers(model)
+    lora_fast.uninstall(model)
+    inputs: dict = {}
+
+    class Replay(torch.nn.Module):  # peft's dropout module, drawing the recorded masks in order
+        def forward(self, x):
+            key = (x.data_ptr(), x._version)
+            if key not in inputs:
+                inputs[key] = next(replay)
+            return x.masked_fill(inputs[key], 0.0) / (1 - p)
+
+    for layer in layers:
+        layer.lora_dropout["default"] = Replay()
+    ref_logits, ref_grads = _loss_and_grads(model, batch)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_drop_mask_rate_and_determinism():
+    a = lora_fast.drop_mask(torch.Size([400, 1000]), 0.1, 7, torch.device("cpu"))
+    b = lora_fast.drop_mask(torch.Size([400, 1000]), 0.1, 7, torch.device("cpu"))
+    c = lora_fast.drop_mask(torch.Size([400, 1000]), 0.1, 8, torch.device("cpu"))
+    assert a.dtype == torch.bool and a.shape == (400, 1000)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(a.float().mean().item() - 0.1) < 0.003  # 400k draws: 3 sigma is 0.0014
+    assert not lora_fast.drop_mask(torch.Size([1000]), 0.0, 7, torch.device("cpu")).any()
+
+
+def test_run_seed_fixes_the_masks(tiny_bert):
+    model = _peft_bert(tiny_bert, 0.2)
+    model.train()
+    lora_fast.install(model)
+    batch = _batch()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(_loss_and_grads(model, batch)[0])
+    torch.manual_seed(6)
+    other = _loss_and_grads(model, batch)[0]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.allclose(runs[0], other)
+
+
+def test_eval_is_peft_eval(tiny_bert):
+    model = _peft_bert(tiny_bert, 0.2)
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        ref = model(**batch).logits
+        lora_fast.install(model)
+        fast = model(**batch).logits
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_peft_where_it_does_not_apply(tiny_bert):
+    model = _peft_bert(tiny_bert, 0.1, use_dora=True)
+    lora_fast.install(model)
+    model.train()
+    calls = []
+    real = lora_fast._LoraLinear.apply
+    lora_fast._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        model(**_batch()).loss.backward()
+        assert calls == []  # DoRA: peft's own forward on every layer
+    finally:
+        lora_fast._LoraLinear.apply = real
+    with model.disable_adapter():
+        layer = lora_fast.lora_layers(model)[0]
+        assert lora_fast._fast_applies(layer, torch.zeros(1, 32), (), {}) is None
+
+
+def test_trained_adapter_loads_in_plain_peft(tiny_bert, wnut_small, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification
+
+    from peftlab.api import train
+    from peftlab.runs import load_run
+    from tests.conftest import ner_recipe
+
+    recipe = ner_recipe(tiny_bert, wnut_small, tmp_path / "run", {"name": "lora", "r": 4, "alpha": 8}, max_steps=6)
+    train(recipe)
+    run = load_run(tmp_path / "run")
+    assert lora_fast.lora_layers(run.model) and all("forward" in vars(m) for m in lora_fast.lora_layers(run.model))
+    labels = run.task.labels
+    base = AutoModelForTokenClassification.from_pretrained(
+        str(tiny_bert), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "run" / "model")).eval()
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)
