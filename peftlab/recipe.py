@@ -157,11 +157,11 @@ class TrainConfig(StrictModel):
         None, gt=0, description="CPU threads per process (default: all cores / processes)."
     )
     cpu_mmap_threshold_mb: Optional[float] = Field(
-        None, gt=0,
+        1.0, ge=0,
         description="CPU, glibc: serve allocations of at least this many MiB with mmap and unmap them when "
-        "freed (a fixed M_MMAP_THRESHOLD), so each step's activation memory goes back to the OS: a lower peak "
-        "RSS for a little speed (SmolLM2 LoRA + gradient checkpointing: 3.2 -> 1.4 GB). Default: glibc's "
-        "adaptive threshold, which keeps freed activations of up to 32 MiB in the heap.",
+        "freed (a fixed M_MMAP_THRESHOLD), so each step's activation memory goes back to the OS instead of "
+        "staying in the heap: a lower peak RSS for a little speed (benchmarks/profile_methods.py measures both). "
+        "0 or null = glibc's adaptive threshold.",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")

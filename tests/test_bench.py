@@ -39,13 +39,14 @@ from peftlab.methods import register_method
 from peftlab.methods.head import HeadOnly
 
 
-class Ballast(HeadOnly):
-    """``head`` that also holds a {BALLAST_MIB} MiB tensor while it trains (for the peak-memory test)."""
-    name = "ballast"
+# held from the plugin's import (when the recipe names it) to the process's end, so it is under
+# every phase's peak, loading included
+BALLAST = torch.ones({BALLAST_MIB} * 2**20 // 4, dtype=torch.float32)
 
-    def apply(self, model, ctx):
-        self.ballast = torch.ones({BALLAST_MIB} * 2**20 // 4, dtype=torch.float32)
-        return super().apply(model, ctx)
+
+class Ballast(HeadOnly):
+    """``head`` in a process that also holds a {BALLAST_MIB} MiB tensor (for the peak-memory test)."""
+    name = "ballast"
 '''
 
 
@@ -469,6 +470,39 @@ def test_gpu_memory_columns_when_records_have_them(bench, tmp_path):
     assert md["lora"]["GPU max allocated (MiB)"] == str((lora + 1) * 100)
     assert (tmp_path / "test_f1_vs_peak_memory.png").is_file()
     assert "Missing cells" not in (tmp_path / "report.md").read_text()  # no plan.json here: nothing planned
+
+
+def test_reference_ratios_divide_by_the_reference_configuration(bench, tmp_path):
+    """A spec's `reference` adds a table of each configuration's throughput and memory divided by the
+    reference's, computed from the records; without one the report has no such table."""
+    plan = json.loads((bench["results"] / "plan.json").read_text())
+    assert "reference" not in plan and "## Ratios to" not in (bench["results"] / "report.md").read_text()
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "reference": "head"}))
+    shutil.copy(bench["results"] / "results.jsonl", tmp_path / "results.jsonl")
+    write_report(tmp_path / "results.jsonl")
+    md = (tmp_path / "report.md").read_text()
+    assert "## Ratios to `head`" in md
+    recs = [r for r in read_records(bench["results"] / "results.jsonl") if r["status"] == "ok"]
+    head = [r for r in recs if r["config"] == "head"]
+    lora = [r for r in recs if r["config"] == "lora"]
+    mean = lambda rs, *k: statistics.mean(r[k[0]][k[1]] for r in rs)  # noqa: E731
+    row = next(line for line in md.splitlines() if line.startswith("| lora |") and line.count("|") == 6)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{mean(lora, 'time', 'samples_per_s') / mean(head, 'time', 'samples_per_s'):.2f}"
+    assert cells[3] == f"{mean(lora, 'memory', 'peak_rss_bytes') / mean(head, 'memory', 'peak_rss_bytes'):.2f}"
+    assert next(line for line in md.splitlines() if line.startswith("| head |") and line.count("|") == 6) == \
+        "| head | 1.00 | 1.00 | 1.00 | 1.00 |"
+
+
+def test_efficiency_specs_plan():
+    for name in ("efficiency_minilm", "efficiency_smollm2"):
+        spec = ROOT / "benchmarks" / f"{name}.yaml"
+        full = plan_bench(spec)
+        assert full.spec.reference == "full" and {c.config for c in full.cells} >= {"full", "lora", "nf4-qlora", "int8-lora"}
+        assert all(c.seed == 42 for c in full.cells)
+        assert any("method.fast_path=false" in c.overrides for c in full.cells)
+        quick = plan_bench(spec, quick=True)
+        assert {c.config for c in quick.cells} == {"full", "lora"}
 
 
 def test_real_specs_plan(tmp_path):
