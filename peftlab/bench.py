@@ -126,6 +126,9 @@ class Spec(_Strict):
     results: Optional[str] = Field(None, description="Results folder (default: <spec folder>/results/<name>).")
     work: Optional[str] = Field(None, description="Cell work folder (default: <spec folder>/work/<name>).")
     methods: list[ConfigEntry] = Field(min_length=1, description="The configurations.")
+    reference: Optional[str] = Field(
+        None, description="A configuration the report divides every other's throughput and memory by (same run)."
+    )
     quick: Optional[Profile] = Field(None, description="The --quick profile (few steps, one seed) for CI.")
 
 
@@ -771,6 +774,7 @@ def run_bench(
         write_json(plan.results_dir / PLAN_FILE, {
             "spec": plan.name, "spec_path": str(plan.spec_path), "profile": plan.profile,
             "spec_hash": plan.spec_hash, "description": plan.spec.description, "command": plan.command,
+            **({"reference": plan.spec.reference} if plan.spec.reference else {}),
             "cells": [c.plan_entry() for c in plan.cells],
         })
         ctx = {"versions": versions(), "git": git_info(), "machine": machine_info()}

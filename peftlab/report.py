@@ -158,6 +158,7 @@ class Summary:
     changed: list[dict]
     ignored: list[dict]
     planned: Optional[int]
+    reference: Optional[str] = None
 
 
 def load_records(path: Union[str, os.PathLike]) -> list[dict]:
@@ -206,7 +207,7 @@ def summarize(records: list[dict], plan: Optional[dict] = None) -> Summary:
     profile = (plan or {}).get("profile") or (records[0].get("profile") if records else None)
     command = (plan or {}).get("command") or (records[0].get("bench_command") if records else None)
     return Summary(title, profile, (plan or {}).get("description"), command, metric, rows, cols, ok, failed,
-                   missing, changed, ignored, len(plan["cells"]) if plan else None)
+                   missing, changed, ignored, len(plan["cells"]) if plan else None, (plan or {}).get("reference"))
 
 
 # -------------------------------------------------------------------------------------- output
@@ -302,6 +303,46 @@ def peft_count_lines(s: Summary) -> list[str]:
     return [text + ".", ""]
 
 
+RATIO_KEYS = (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("peak_rss_mib", "peak RSS"),
+              ("load_rss_mib", "model-load RSS"), ("gpu_max_allocated_mib", "GPU max allocated"))
+
+
+def reference_ratios(summary: Summary) -> list[dict]:
+    """Each configuration's throughput and memory divided by the spec's reference configuration's
+    (means over seeds); none where the cells ran on more than one machine."""
+    by_name = {r.config: r for r in summary.rows}
+    ref = by_name.get(summary.reference or "")
+    if ref is None or not ref.records:
+        return []
+    out = []
+    for row in summary.rows:
+        if not row.records:
+            continue
+        machines = {machine_summary(r["machine"]) for r in ref.records + row.records if r.get("machine")}
+        entry: dict[str, Any] = {"config": row.config}
+        for key, _ in RATIO_KEYS:
+            a, b = row.stats.get(key), ref.stats.get(key)
+            ok = a is not None and b is not None and a.mean is not None and b.mean and len(machines) <= 1
+            entry[key] = a.mean / b.mean if ok else None
+        out.append(entry)
+    return out
+
+
+def _ratio_lines(s: Summary) -> list[str]:
+    ratios = reference_ratios(s)
+    keys = [(k, h) for k, h in RATIO_KEYS if any(r[k] is not None for r in ratios)]
+    if not ratios or not keys:
+        return []
+    lines = [f"## Ratios to `{s.reference}`", "",
+             f"Each configuration's mean divided by `{s.reference}`'s, all from this spec's cells (throughput > 1: "
+             "faster; memory < 1: lighter).", "",
+             "| configuration | " + " | ".join(h for _, h in keys) + " |", "|---|" + "--:|" * len(keys)]
+    for r in ratios:
+        lines.append(f"| {_md_escape(r['config'])} | " + " | ".join(
+            "–" if r[k] is None else f"{r[k]:.2f}" for k, _ in keys) + " |")
+    return lines + [""]
+
+
 def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str]) -> str:
     s = summary
     lines = [f"# Benchmark report: {s.title}" + (f" ({s.profile} profile)" if s.profile else ""), ""]
@@ -367,6 +408,7 @@ def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str])
     if backbones:
         lines += [f"Backbone: {', '.join(backbones)}. Method options are in `report.csv` and in the records.", ""]
 
+    lines += _ratio_lines(s)
     comps = comparisons(s)
     if comps:
         m = s.metric
