@@ -51,7 +51,8 @@ class _SharedDropout:
 
     def __call__(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(dropped x, the mask of dropped elements), without the 1/(1-p) gain; (x, None) for p = 0."""
-        if p <= 0:
+        if p <= 0:  # evaluation: nothing of the last training step stays referenced
+            self._input, self._out = None, None
             return x, None
         key = (x._version, p)
         if self._out is None or self._input is None or self._input() is not x or self._key != key:
@@ -61,9 +62,6 @@ class _SharedDropout:
                 self._out = (x.masked_fill(drop, 0.0), drop)
             self._input, self._key = weakref.ref(x), key
         return self._out
-
-    def clear(self) -> None:
-        self._input, self._out = None, None
 
 
 class _LoraLinear(torch.autograd.Function):
