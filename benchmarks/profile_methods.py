@@ -118,7 +118,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     model.train()
-    saved = saved_for_backward(model, task, batches[0], trainable)
+    saved = saved_for_backward(model, task, batches[0])
     times = [step(b) for b in batches]
     phases["train steps"] = (rss_mib(), peak_mib())
     eval_loader = DataLoader(dev, batch_size=cfg.eval_batch_size, collate_fn=collate)
@@ -153,7 +153,7 @@ def _med(times: list, i: int) -> float:
     return round(statistics.median(t[i] for t in times) * 1000, 2)
 
 
-def saved_for_backward(model, task, batch: dict, trainable: dict) -> dict:
+def saved_for_backward(model, task, batch: dict) -> dict:
     """MiB of the distinct tensors autograd saves on one forward, split into activations and weights."""
     import torch
 

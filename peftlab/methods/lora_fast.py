@@ -5,12 +5,13 @@ CPUs that is the bottleneck (``bernoulli_`` is most of a LoRA step's time), and 
 layer's dropped copy of its input plus the mask. This path, installed on the layers by
 :func:`install`, computes the same expression with one autograd function per layer that
 
-* draws the keep-mask from random integer bits (several times faster than ``bernoulli_`` on CPUs),
-  once per input tensor: layers that read the same tensor (q, k and v) share one mask, as a layer
-  with a fused qkv projection would;
-* saves for backward only the input (shared by the layers that read it), the rank-``r`` activation
-  and a seed, and draws the same mask again in backward;
-* leaves the frozen base layer (float, int8 or 4-bit) to its own forward and backward.
+* draws the dropout mask from random integer bits (several times faster than ``bernoulli_`` on
+  CPUs), once per input tensor: layers that read the same tensor (q, k and v) share one mask and one
+  dropped copy, as a layer with a fused qkv projection would;
+* on a frozen float ``nn.Linear`` runs the base matmul and the low-rank branch together and saves for
+  backward only the dropped input, the boolean mask, the weights and the rank-``r`` activation
+  (nothing of the frozen matmul's own);
+* on other bases (int8, 4-bit) leaves the base layer to its own forward and backward.
 
 The parameters stay peft's ``lora_A`` / ``lora_B`` modules, so saving, loading, merging and peft's
 parameter counts are unchanged. Layers this path does not cover (DoRA, a LoRA bias, several active
@@ -73,14 +74,12 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dropped, drop, weight, bias, weight_a, weight_b, gain: float):
         flat = x.reshape(-1, x.shape[-1])
-        if weight is None:
-            out = flat.new_zeros(flat.shape[0], weight_b.shape[0])
-        elif bias is None:
-            out = flat @ weight.t()
-        else:
-            out = torch.addmm(bias, flat, weight.t())
         h = dropped.reshape(flat.shape) @ weight_a.t()
-        out.addmm_(h, weight_b.t(), alpha=gain)
+        if weight is None:  # the branch alone: scale the rank-r activation, not the output
+            out = (h * gain) @ weight_b.t()
+        else:
+            out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+            out.addmm_(h, weight_b.t(), alpha=gain)
         ctx.save_for_backward(dropped, drop, weight, weight_a, weight_b, h)
         ctx.gain = gain
         return out.view(*x.shape[:-1], weight_b.shape[0])
