@@ -242,6 +242,18 @@ def machine_summary(m: dict) -> str:
     return text
 
 
+def _machines(*rows: Row) -> set[str]:
+    return {machine_summary(r["machine"]) for row in rows for r in row.records if r.get("machine")}
+
+
+def _mean_ratio(a: Row, b: Row, key: str) -> Optional[float]:
+    """a's mean of ``key`` over b's; None when either is missing or their cells ran on several machines."""
+    sa, sb = a.stats.get(key), b.stats.get(key)
+    if sa is None or sb is None or sa.mean is None or not sb.mean or len(_machines(a, b)) > 1:
+        return None
+    return sa.mean / sb.mean
+
+
 def comparisons(summary: Summary) -> list[dict]:
     by_name = {r.config: r for r in summary.rows}
     out = []
@@ -252,13 +264,10 @@ def comparisons(summary: Summary) -> list[dict]:
             continue
         ours = by_name[target]
         # throughput and memory compare only on one machine; the metric difference holds anywhere
-        machines = sorted({machine_summary(r["machine"]) for r in ours.records + row.records if r.get("machine")})
+        machines = sorted(_machines(ours, row))
 
         def ratio(key: str) -> Optional[float]:
-            a, b = ours.stats.get(key), row.stats.get(key)
-            if a is None or b is None or a.mean is None or not b.mean or len(machines) > 1:
-                return None
-            return a.mean / b.mean
+            return _mean_ratio(ours, row, key)
 
         if not ours.records and not row.records:
             continue
@@ -318,13 +327,7 @@ def reference_ratios(summary: Summary) -> list[dict]:
     for row in summary.rows:
         if not row.records:
             continue
-        machines = {machine_summary(r["machine"]) for r in ref.records + row.records if r.get("machine")}
-        entry: dict[str, Any] = {"config": row.config}
-        for key, _ in RATIO_KEYS:
-            a, b = row.stats.get(key), ref.stats.get(key)
-            ok = a is not None and b is not None and a.mean is not None and b.mean and len(machines) <= 1
-            entry[key] = a.mean / b.mean if ok else None
-        out.append(entry)
+        out.append({"config": row.config, **{key: _mean_ratio(row, ref, key) for key, _ in RATIO_KEYS}})
     return out
 
 
