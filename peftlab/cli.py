@@ -106,7 +106,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 @command("schema")
 def _schema(args: argparse.Namespace) -> int:
-    from .recipe import describe_schema
+    from .reference import describe_schema
 
     print(describe_schema(), end="")
     return 0

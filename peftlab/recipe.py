@@ -18,7 +18,6 @@ module's models as a reference.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -27,6 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import PeftlabError
+from .registry import METHODS, TASKS
+from .validation import closest, fields_at, format_validation_error, yaml_line
 
 
 class StrictModel(BaseModel):
@@ -221,80 +222,6 @@ KEY_ALIASES = {
 }
 
 
-def _closest(word: str, choices: list[str]) -> Optional[str]:
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if match:
-        return match[0]
-    alias = KEY_ALIASES.get(word)
-    return alias if alias in choices else None
-
-
-def _fields_at(model: type[BaseModel], path: tuple) -> Optional[list[str]]:
-    """The valid key names at ``path`` inside ``model`` (None when unknown)."""
-    current: Any = model
-    for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return None
-
-
-def _yaml_line(text: Optional[str], path: tuple) -> Optional[int]:
-    """1-based line of the key at ``path`` in the YAML ``text``, if it can be found."""
-    if not text:
-        return None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in path:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key_node, value_node in node.value:
-            if key_node.value == str(part):
-                line = key_node.start_mark.line + 1
-                node = value_node
-                break
-        else:
-            break
-    return line
-
-
-def format_validation_error(
-    err: ValidationError,
-    source: str,
-    model: type[BaseModel],
-    prefix: tuple = (),
-    text: Optional[str] = None,
-) -> str:
-    """One line for the first error of a pydantic ValidationError."""
-    e = err.errors()[0]
-    loc = prefix + tuple(p for p in e["loc"] if not isinstance(p, int) or True)
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    line = _yaml_line(text, loc)
-    where = f"{source}:{line}" if line else source
-    kind = e["type"]
-    if kind == "extra_forbidden":
-        valid = _fields_at(model, tuple(e["loc"][:-1])) or []
-        hint = _closest(str(e["loc"][-1]), valid)
-        suggestion = f" (did you mean '{'.'.join(map(str, prefix + tuple(e['loc'][:-1]) + (hint,)))}'?)" if hint else ""
-        return f"{where}: {key}: unknown key{suggestion}; valid keys here: {', '.join(valid)}"
-    if kind == "missing":
-        return f"{where}: {key}: required key is missing"
-    msg = e["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    got = e.get("input")
-    got_txt = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{where}: {key}: {msg}{got_txt}"
-
-
 # -------------------------------------------------------------------------------------- loading
 
 
@@ -319,9 +246,9 @@ def _check_override_key(path: tuple[str, ...], item: str) -> None:
         return  # method options are checked against the method plugin
     valid = list(Recipe.model_fields)
     for depth, part in enumerate(path):
-        fields = _fields_at(Recipe, path[:depth]) if depth else valid
+        fields = fields_at(Recipe, path[:depth]) if depth else valid
         if fields is None or part not in fields:
-            hint = _closest(part, fields or [])
+            hint = closest(part, fields or [], KEY_ALIASES)
             where = ".".join(path[: depth + 1])
             suggestion = f" (did you mean '{'.'.join(path[:depth] + (hint,))}'?)" if hint else ""
             raise PeftlabError(f"command line: override '{item}': unknown key '{where}'{suggestion}")
@@ -372,32 +299,30 @@ def recipe_from_dict(
     data: dict, source: str = "<recipe>", text: Optional[str] = None, default_output: Optional[str] = None
 ) -> Recipe:
     """Validate a recipe given as a dict (the Python API's entry point)."""
-    from .methods import get_method_class
-    from .tasks import get_task_class
-
     data = dict(data)
     if isinstance(data.get("method"), str):  # `method: lora` is short for `method: {name: lora}`
         data["method"] = {"name": data["method"]}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise PeftlabError(format_validation_error(err, source, Recipe, text=text)) from None
+        raise PeftlabError(format_validation_error(err, source, Recipe, text=text, aliases=KEY_ALIASES)) from None
     recipe._source = source
 
-    line = lambda *p: f"{source}:{_yaml_line(text, p)}" if _yaml_line(text, p) else source  # noqa: E731
+    line = lambda *p: f"{source}:{yaml_line(text, p)}" if yaml_line(text, p) else source  # noqa: E731
     try:
-        get_task_class(recipe.task)
+        TASKS.get(recipe.task)
     except PeftlabError as exc:
         raise PeftlabError(f"{line('task')}: task: {exc}") from None
     try:
-        method_cls = get_method_class(recipe.method.name)
+        method_cls = METHODS.get(recipe.method.name)
     except PeftlabError as exc:
         raise PeftlabError(f"{line('method', 'name')}: method.name: {exc}") from None
     try:
         options = method_cls.Options.model_validate(recipe.method.options_dict())
     except ValidationError as err:
         raise PeftlabError(
-            format_validation_error(err, source, method_cls.Options, prefix=("method",), text=text)
+            format_validation_error(err, source, method_cls.Options, prefix=("method",), text=text,
+                                    aliases=KEY_ALIASES)
         ) from None
     method_cls.check_recipe(recipe, options)  # raises PeftlabError naming the key
     recipe.method = MethodSpec(name=recipe.method.name, **options.model_dump(mode="json"))
@@ -416,52 +341,3 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     return recipe_from_dict(
         data, source=str(path), text=text, default_output=str(Path("runs") / path.stem)
     )
-
-
-# ------------------------------------------------------------------------------------ reference
-
-
-def _describe_model(model: type[BaseModel], indent: str = "  ") -> list[str]:
-    lines = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not MethodSpec:
-            lines.append(f"{indent}{name}:")
-            lines.extend(_describe_model(ann, indent + "  "))
-            continue
-        type_txt = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        if str(ann).startswith("typing.Literal") or "Literal" in str(ann):
-            type_txt = " | ".join(map(str, getattr(ann, "__args__", ())))
-        if "Optional" in str(ann) or "None" in str(ann):
-            args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
-            inner = args[0] if args else ann
-            type_txt = (
-                " | ".join(map(str, getattr(inner, "__args__", ())))
-                if "Literal" in str(inner)
-                else getattr(inner, "__name__", str(inner))
-            ) + " | null"
-        if field.is_required():
-            default = "required"
-        else:
-            default = "default " + repr(field.get_default(call_default_factory=True))
-        lines.append(f"{indent}{name}: {type_txt}  ({default})  {field.description or ''}".rstrip())
-    return lines
-
-
-def describe_schema() -> str:
-    """The recipe reference (every key, type, default, description), including method options."""
-    from .methods import available_methods
-    from .tasks import available_tasks
-
-    out = ["# peftlab recipe reference (generated from peftlab/recipe.py)", ""]
-    out.append("description: str | null  (default None)  Free text.")
-    for name in ("backbone", "data", "train", "output"):
-        out.append(f"{name}:")
-        out.extend(_describe_model(Recipe.model_fields[name].annotation))
-    out.append(f"task: one of {', '.join(available_tasks())}  (required)")
-    out.append("method:")
-    out.append("  name: str  (required)  One of the methods below; the other keys are its options.")
-    for name, cls in available_methods().items():
-        out.append(f"  # method.name = {name}: {cls.description}")
-        out.extend(_describe_model(cls.Options, "    "))
-    return "\n".join(out) + "\n"

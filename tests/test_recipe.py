@@ -9,7 +9,8 @@ import yaml
 
 from conftest import ROOT, run_cli
 from peftlab.errors import PeftlabError
-from peftlab.recipe import describe_schema, load_recipe
+from peftlab.recipe import load_recipe
+from peftlab.reference import describe_schema
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 

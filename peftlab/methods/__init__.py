@@ -9,14 +9,13 @@ A method is one module with one class implementing :class:`Method`:
 * ``can_merge`` and ``merge(model)``: fold the method into plain ``transformers`` weights;
 * ``supports_quantization``: whether it trains on an int8/nf4/fp4 backbone.
 
-Register a built-in in one line with ``@register_method``. Third-party packages register through
-the entry-point group ``peftlab.methods`` (``name = "pkg.module:MyMethod"``). A method never edits
-the trainer.
+Register a built-in in one line with ``@register_method`` (and its module's name in
+``peftlab.registry.METHODS``). Third-party packages register through the entry-point group
+``peftlab.methods`` (``name = "pkg.module:MyMethod"``). A method never edits the trainer.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +25,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import PeftlabError
+from ..registry import METHODS
 
-ENTRY_POINT_GROUP = "peftlab.methods"
 METHOD_FILE = "peftlab_method.json"
 STATE_FILE = "peftlab_weights.safetensors"
-
-_METHODS: dict[str, type["Method"]] = {}
-_ENTRY_POINT_ERRORS: dict[str, str] = {}  # plugin name -> why it failed to load
-_PLUGIN_NOTES: list[str] = []  # entry points ignored (duplicates, built-in names)
-_PLUGIN_SOURCES: dict[str, str] = {}  # plugin name -> distribution that provides it
-_UNAVAILABLE: dict[str, str] = {}  # known method names deliberately not offered -> why (and what instead)
-_loaded = False
-_loading = False
-
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -182,35 +172,6 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str)
             params[k].copy_(v.to(params[k].device, params[k].dtype))
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: ``@register_method`` makes ``method: {name: cls.name}`` usable in recipes.
-
-    A name belongs to the first class that registers it (built-ins load first, so a plugin cannot
-    silently replace ``lora``); re-registering the same class (a module reload) is allowed.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(f"@register_method: {cls!r} is not a subclass of peftlab.methods.Method")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a class attribute `name` (the recipe's method.name)")
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise TypeError(f"{cls.__name__}.name '{name}': use letters, digits, '_' and '-' only")
-    old = _METHODS.get(name)
-    if old is not None and _qualname(old) != _qualname(cls):
-        raise TypeError(f"method name '{name}' is already registered by {_qualname(old)}")
-    _METHODS[name] = cls
-    return cls
-
-
-def register_unavailable(name: str, reason: str) -> None:
-    """Record a method name that is deliberately not offered, so asking for it explains why."""
-    _UNAVAILABLE.setdefault(name, reason)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _check_plugin_class(cls: Any, ep_name: str) -> Optional[str]:
     """Why ``cls`` (an entry point's target) is not a usable method, or None."""
     if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -225,88 +186,12 @@ def _check_plugin_class(cls: Any, ep_name: str) -> Optional[str]:
     return None
 
 
-def _load_plugins() -> None:
-    seen: dict[str, str] = {}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
-        where = f"entry point '{ep.name} = {ep.value}' ({dist})"
-        if ep.name in seen:
-            if seen[ep.name] != dist:
-                _PLUGIN_NOTES.append(f"{where} ignored: '{ep.name}' is already declared by {seen[ep.name]}")
-            continue
-        seen[ep.name] = dist
-        existing = _METHODS.get(ep.name)
-        if existing is not None and existing.__module__.startswith(__name__ + "."):
-            _PLUGIN_NOTES.append(f"{where} ignored: '{ep.name}' is a built-in method")
-            continue
-        try:
-            cls = ep.load()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _ENTRY_POINT_ERRORS[ep.name] = f"{where}: {type(exc).__name__}: {first}".rstrip(": ")
-            continue
-        problem = _check_plugin_class(cls, ep.name)
-        if problem is None:
-            if "name" not in cls.__dict__:
-                cls.name = ep.name
-            try:
-                register_method(cls)
-            except TypeError as exc:
-                problem = str(exc)
-        if problem is not None:
-            _ENTRY_POINT_ERRORS[ep.name] = f"{where}: {problem}"
-            if _METHODS.get(ep.name) is cls:  # registered itself on import, but is unusable
-                del _METHODS[ep.name]
-            continue
-        _PLUGIN_SOURCES[ep.name] = dist
-
-
-def _load() -> None:
-    global _loaded, _loading
-    if _loaded or _loading:  # _loading: a plugin module that looks methods up while it is imported
-        return
-    _loading = True
-    try:
-        from . import full, head, lora  # noqa: F401  (built-ins register themselves)
-
-        for optional in ("adapter", "prefix", "peft_tuner"):
-            try:
-                importlib.import_module(f"{__name__}.{optional}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{__name__}.{optional}":
-                    raise
-        _load_plugins()
-        _loaded = True
-    finally:
-        _loading = False
-
-
-def plugin_problems() -> list[str]:
-    """One line per entry-point plugin that failed to load or was ignored."""
-    _load()
-    return [f"method plugin '{n}' failed to load: {e}" for n, e in sorted(_ENTRY_POINT_ERRORS.items())] + list(
-        _PLUGIN_NOTES
-    )
-
-
-def available_methods() -> dict[str, type[Method]]:
-    _load()
-    return dict(sorted(_METHODS.items()))
-
-
-def get_method_class(name: str) -> type[Method]:
-    methods = available_methods()
-    if name in _ENTRY_POINT_ERRORS and name not in methods:
-        raise PeftlabError(f"method plugin '{name}' failed to load: {_ENTRY_POINT_ERRORS[name]}")
-    if name not in methods and name in _UNAVAILABLE:
-        raise PeftlabError(f"method '{name}' is not available: {_UNAVAILABLE[name]}")
-    if name not in methods:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(methods), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PeftlabError(f"unknown method '{name}'{hint}; known: {', '.join(methods)}")
-    return methods[name]
+METHODS.configure(Method, _check_plugin_class)
+register_method = METHODS.register
+register_unavailable = METHODS.register_unavailable
+available_methods = METHODS.available
+get_method_class = METHODS.get
+plugin_problems = METHODS.problems
 
 
 def build_method(recipe: Any) -> Method:
@@ -345,7 +230,7 @@ def describe_methods() -> list[dict]:
                 "merges": cls.can_merge,
                 "quantization": cls.supports_quantization,
                 "description": cls.description,
-                "source": _PLUGIN_SOURCES.get(name, "built-in") + f" ({cls.__module__})",
+                "source": METHODS.source(name) + f" ({cls.__module__})",
             }
         )
     return rows

@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from ..errors import PeftlabError
+from ..validation import yaml_line
 from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method, register_unavailable
 from .lora import PEFT_TASK_TYPES
 
@@ -287,12 +288,10 @@ def _where(recipe: Any) -> str:
     """``file:line`` of the method section when the recipe came from a file."""
     source = getattr(recipe, "source", "<recipe>")
     try:
-        from ..recipe import _yaml_line
-
         text = Path(source).read_text(encoding="utf-8") if Path(source).is_file() else None
     except (OSError, ValueError):
         text = None
-    line = _yaml_line(text, ("method",)) if text else None
+    line = yaml_line(text, ("method",)) if text else None
     return f"{source}:{line}" if line else source
 
 

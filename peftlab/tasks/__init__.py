@@ -1,7 +1,8 @@
-"""Task registry. A task knows how to read its data, encode it, build its model and score it.
+"""Tasks. A task knows how to read its data, encode it, build its model and score it.
 
-Built-in tasks: ``token_classification`` (NER), ``sequence_classification``. A task is a subclass of
-:class:`Task` registered with ``@register_task``.
+A task is one module with a subclass of :class:`Task` registered with ``@register_task`` (and the
+module's name in ``peftlab.registry.TASKS``); third-party packages register through the entry-point
+group ``peftlab.tasks``.
 """
 
 from __future__ import annotations
@@ -12,35 +13,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..errors import PeftlabError
-
-_TASKS: dict[str, type["Task"]] = {}
-
-
-def register_task(cls: type["Task"]) -> type["Task"]:
-    _TASKS[cls.name] = cls
-    return cls
-
-
-def _load_builtin() -> None:
-    from . import sequence_classification, token_classification  # noqa: F401
-
-    try:
-        from . import causal_lm  # noqa: F401
-    except ImportError:  # optional until the generation task lands
-        pass
-
-
-def available_tasks() -> dict[str, type["Task"]]:
-    _load_builtin()
-    return dict(sorted(_TASKS.items()))
-
-
-def get_task_class(name: str) -> type["Task"]:
-    tasks = available_tasks()
-    if name not in tasks:
-        raise PeftlabError(f"unknown task '{name}' (known: {', '.join(tasks)})")
-    return tasks[name]
-
+from ..registry import TASKS
 
 class Task:
     """Base class. Subclasses set the class attributes and implement the methods below."""
@@ -172,3 +145,19 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         self.generator.manual_seed(self.seed + self.epoch)
         return iter(self.inner)
+
+
+def _check_plugin_class(cls: Any, ep_name: str) -> Optional[str]:
+    """Why ``cls`` (an entry point's target) is not a usable task, or None."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        return "is not a subclass of peftlab.tasks.Task"
+    name = cls.__dict__.get("name")
+    if name is not None and name != ep_name:
+        return f"{cls.__name__}.name is '{name}' but the entry point is named '{ep_name}'; they must match"
+    return None
+
+
+TASKS.configure(Task, _check_plugin_class)
+register_task = TASKS.register
+available_tasks = TASKS.available
+get_task_class = TASKS.get
