@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     import peftlab
     from peftlab.atomicio import write_json, write_text
     from peftlab.backbones import resolve_backbone
-    from peftlab.merge import merge
+    from peftlab.deploy import merge
     from peftlab.runs import load_run, read_json
-    from peftlab.trainer import cpu_cores
+    from peftlab.system import cpu_cores
 
     transformers.logging.set_verbosity_error()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

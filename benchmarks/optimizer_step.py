@@ -4,7 +4,7 @@
     python benchmarks/optimizer_step.py --recipe recipes/lora_intent.yaml
 
 One process builds the recipe's model twice (same seed, same weights) and trains both on the same
-BANKING77 batches with the optimizer peftlab's trainer makes (``peftlab.trainer.make_optimizer``), one
+BANKING77 batches with the optimizer peftlab's trainer makes (``peftlab.training.optim.make_optimizer``), one
 with ``train.fused_optimizer: true`` and one with ``false``. Each round runs one step of each model in a
 shuffled order, so machine load hits both alike, and times its three parts: forward + backward,
 gradient clipping, optimizer step. The report gives median / p10 / p90 milliseconds per part and the
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     from peftlab.bench import git_info, machine_info, versions
     from peftlab.runs import build_model
     from peftlab.tasks import LengthGroupedEpochSampler, get_task_class
-    from peftlab.trainer import cpu_cores, make_optimizer
+    from peftlab.system import cpu_cores
+    from peftlab.training.optim import make_optimizer
 
     transformers.logging.set_verbosity_error()
     device = PartialState().device

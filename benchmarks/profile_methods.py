@@ -5,7 +5,7 @@
 
 Each configuration runs in its own process (so its resident memory is its own) and does what
 ``peftlab train`` does, with the trainer's own functions: the imports, the data, the model
-(``runs.build_model``), the optimizer (``trainer.make_optimizer``) and the first ``--steps`` batches
+(``runs.build_model``), the optimizer (``training.optim.make_optimizer``) and the first ``--steps`` batches
 of the trainer's length-grouped sampler (the longest batch first). It records
 
 * resident memory after each phase: imports, data, model, the training steps, one evaluation pass;
@@ -65,7 +65,8 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
     from peftlab.recipe import load_recipe
     from peftlab.runs import build_model, parameter_report
     from peftlab.tasks import LengthGroupedEpochSampler, get_task_class
-    from peftlab.trainer import cpu_cores, make_optimizer, set_mmap_threshold
+    from peftlab.system import cpu_cores, set_mmap_threshold
+    from peftlab.training.optim import make_optimizer
 
     phases["imports"] = (rss_mib(), peak_mib())
     recipe = load_recipe(ROOT / recipe_path, overrides)

@@ -7,22 +7,15 @@ Everything the CLI does is a plain Python call::
     metrics = peftlab.train(recipe)
 """
 
-__version__ = "0.1.0"
-
-import logging as _logging  # noqa: E402
-
-# bitsandbytes warns at import, on CPUs with AVX512-BF16, that the optional `kernels` package of its
-# packed CPU 4-bit inference format is missing; peftlab keeps 4-bit layers off that format
-# (backbones.keep_4bit_layout), so the warning is only noise on every command's stderr.
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in str(r.msg))
-
-from .api import available_methods, load_recipe, register_method, train, validate  # noqa: E402,F401
-from .errors import PeftlabError  # noqa: E402,F401
-from .methods import Method  # noqa: E402,F401
+from ._version import __version__
+from .api import available_methods, load_recipe, register_method, train, validate
+from .errors import PeftlabError
+from .methods import Method
 
 __all__ = [
     "Method",
     "PeftlabError",
+    "__version__",
     "available_methods",
     "load_recipe",
     "register_method",

@@ -30,7 +30,7 @@ def as_recipe(recipe: RecipeLike, overrides: Optional[list[str]] = None) -> Reci
 def train(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, resume: bool = False,
           overwrite: bool = False) -> dict:
     """Train a recipe; returns metrics.json's content. The run folder is recipe.output.dir."""
-    from .trainer import train as _train
+    from .training import train as _train
 
     return _train(as_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
 
@@ -64,16 +64,16 @@ def merge(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **opti
     """Merge a finished run into a verified plain-transformers checkpoint; returns verify.json.
 
     Options: dtype, verify_examples, atol, min_agreement, eval_split, quantized_base, overwrite
-    (see peftlab.merge.merge). Raises VerificationError (nothing written) when the check fails.
+    (see peftlab.deploy.merge). Raises VerificationError (nothing written) when the check fails.
     """
-    from .merge import merge as _merge
+    from .deploy import merge as _merge
 
     return _merge(run_dir, out, **options)
 
 
 def export(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **options: Any) -> dict:
     """Package any run (adapter weights + config + base reference) for predict; returns verify.json."""
-    from .merge import export as _export
+    from .deploy import export as _export
 
     return _export(run_dir, out, **options)
 
@@ -96,7 +96,7 @@ def bench(spec: Union[str, os.PathLike], **options: Any) -> Any:
 
 
 def report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
-    """Markdown/CSV/PNG report of a bench's results JSONL (peftlab.report)."""
-    from .report import write_report
+    """Markdown/CSV/PNG report of a bench's results JSONL (peftlab.bench.report)."""
+    from .bench import write_report
 
     return write_report(results, out_dir)

@@ -6,7 +6,9 @@ Bad input prints one line ``peftlab: error: ...`` and exits 2 (never a traceback
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import os
 import sys
 from typing import Callable, Optional
@@ -33,19 +35,50 @@ def command(name: str):
     return deco
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines on stderr that never share a line with a progress bar (tqdm clears and redraws it)."""
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """peftlab's log lines on stderr as ``[peftlab] message``, from the first process only."""
+    logger = logging.getLogger("peftlab")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in [h for h in logger.handlers if getattr(h, "_peftlab_cli", False)]:
+        logger.removeHandler(h)
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[peftlab] %(message)s"))
+    handler.addFilter(lambda record: not _is_secondary_rank())
+    handler._peftlab_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+
+
+def _quiet_libraries() -> None:
+    """Third-party warnings that say nothing to a peftlab user (each known and harmless)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # bitsandbytes warns at import, on CPUs with AVX512-BF16, that the optional `kernels` package of its
+    # packed CPU 4-bit inference format is missing; peftlab keeps 4-bit layers off that format.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in str(r.msg))
+    # transformers reads these at import (importing it here would make `--help` slow)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (peftlab.cli.main called from Python)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,13 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extra_commands(sub) -> None:
     """Subcommands that live in their own modules (merge, predict, bench, ...)."""
-    for module in ("merge", "predict", "bench"):
-        try:
-            mod = __import__(f"peftlab.{module}", fromlist=["add_commands"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"peftlab.{module}":
-                raise
-            continue
+    for module in ("deploy.cli", "predict", "bench.cli"):
+        mod = importlib.import_module(f"peftlab.{module}")
         mod.add_commands(sub, command)
 
 
@@ -147,6 +175,7 @@ def _is_secondary_rank() -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
+    setup_logging()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

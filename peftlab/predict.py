@@ -123,7 +123,7 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
     if not path.is_dir():
         raise PeftlabError(f"{path}: no such folder (expected a run folder, an export or a merged checkpoint)")
     if (path / "recipe.yaml").is_file() and (path / MODEL_DIR).is_dir():
-        from .merge import EXPORT_FILE
+        from .deploy.export import EXPORT_FILE
         from .runs import load_run
 
         run = load_run(path, device=device)
@@ -164,7 +164,7 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
 
 def _merged_task(path: Path, task: str) -> dict:
     """The peftlab task object of a merged checkpoint, rebuilt from its peftlab_merge.json (if any)."""
-    from .merge import MERGE_FILE
+    from .deploy.merge import MERGE_FILE
     from .recipe import recipe_from_dict
     from .tasks import get_task_class
 

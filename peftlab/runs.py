@@ -1,6 +1,6 @@
 """Building the model a recipe describes, and reading back a finished run.
 
-Run folder layout (written by :mod:`peftlab.trainer`)::
+Run folder layout (written by :mod:`peftlab.training`)::
 
     runs/<name>/
       recipe.yaml       the resolved recipe (every default filled in)
@@ -18,6 +18,7 @@ Run folder layout (written by :mod:`peftlab.trainer`)::
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,8 +26,10 @@ from typing import Any, Optional
 import torch
 
 from .backbones import PICKLE_SUFFIXES, find_head_names, load_model, load_tokenizer, resolve_backbone
-from .errors import PeftlabError
-from .methods import Method, MethodContext, build_method, read_method_file
+from .atomicio import atomic_dir, write_json
+from .checkpoint import latest_checkpoint
+from .errors import PeftlabError, TrainingError
+from .methods import Method, MethodContext, build_method, read_method_file, write_method_file
 from .recipe import Recipe, load_recipe
 
 MODEL_DIR = "model"
@@ -161,3 +164,75 @@ def load_run(run_dir: str | Path, device: Optional[torch.device] = None) -> Load
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------ writing a run's outputs
+
+
+class RunLog:
+    """The run's ``train.log``: every log line of the run, and why it stopped (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.handler: Optional[logging.FileHandler] = None
+
+    def open(self, path: Path) -> None:
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger = logging.getLogger("peftlab")
+        logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+        logger.addHandler(self.handler)
+
+    def record_failure(self, message: str) -> None:
+        """Note in train.log why training stopped (stderr shows it once, as the CLI's error line)."""
+        if self.handler is not None:
+            logger = logging.getLogger("peftlab")
+            self.handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "stopped: %s", (message,), None))
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger("peftlab").removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+
+def write_failure(exc: OSError, target: Path, what: str, ckpt_dir: Path, run_log: RunLog) -> TrainingError:
+    """The error of a write that failed (full disk, permissions), naming the last good checkpoint."""
+    last = latest_checkpoint(ckpt_dir)
+    message = (
+        f"output.dir: cannot write {target} ({exc.strerror or exc}); {what}. Last good checkpoint: "
+        f"{last or 'none'}; free space (or fix permissions) and continue with --resume"
+    )
+    run_log.record_failure(message)
+    return TrainingError(message)
+
+
+def write_best(folder: Path, tensors: dict[str, torch.Tensor], state: Any, metric: str) -> None:
+    """The best model so far: its trainable tensors and which evaluation it came from."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        write_json(tmp / "best.json", {"step": state.best_step, "epoch": state.best_epoch, metric: state.best})
+
+
+def read_best(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "trainable.safetensors"))
+
+
+def write_results(run_dir: Path, model: Any, built: BuiltModel, tokenizer: Any, recipe: Recipe, params: dict,
+                  resources: dict, results: dict, run_log: RunLog) -> None:
+    """model/, params.json, resources.json and, last (it marks the run complete), metrics.json."""
+    try:
+        with atomic_dir(run_dir / MODEL_DIR) as tmp:
+            built.method.save(model, tmp, built.ctx)
+            tokenizer.save_pretrained(str(tmp))
+            write_method_file(tmp, built.method, recipe, built.ctx.task.labels, built.ctx.head_names)
+        params["model_dir_bytes"] = sum(f.stat().st_size for f in (run_dir / MODEL_DIR).rglob("*") if f.is_file())
+        write_json(run_dir / "params.json", params)
+        write_json(run_dir / "resources.json", resources)
+        write_json(run_dir / "metrics.json", results)
+    except OSError as exc:
+        raise write_failure(exc, run_dir, "training finished but its results were not saved",
+                            run_dir / CHECKPOINTS_DIR, run_log) from None

@@ -27,7 +27,7 @@ import yaml
 from conftest import ROOT, ner_recipe
 from peftlab.bench import plan_bench, read_records, run_bench
 from peftlab.errors import PeftlabError
-from peftlab.report import write_report
+from peftlab.bench import write_report
 
 BASELINE = ROOT / "benchmarks" / "baselines" / "trainer_baseline.py"
 MIB = 2**20

@@ -73,7 +73,7 @@ def test_diverging_lr_stops_at_the_first_nan_loss(tiny_bert, wnut_small, tmp_pat
 def test_non_finite_weights_are_never_saved_as_a_checkpoint(tiny_bert, wnut_small, tmp_path, monkeypatch):
     """The optimizer update of step 4 turns a weight into nan (the loss of step 4 was finite): the
     checkpoint of step 4 is refused, step-000002 stays the last one."""
-    import peftlab.trainer as trainer
+    import peftlab.training.finetune as trainer
 
     real_make_optimizer = trainer.make_optimizer
 

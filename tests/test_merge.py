@@ -19,7 +19,7 @@ from peftlab.errors import PeftlabError, VerificationError
 from peftlab.runs import load_run
 
 
-merge_mod = importlib.import_module("peftlab.merge")  # the module (peftlab.merge may name the function)
+merge_mod = importlib.import_module("peftlab.deploy.merge")  # the module (peftlab.deploy.merge is also the function)
 
 
 def read(path: Path) -> dict:
@@ -111,13 +111,25 @@ def test_test_f1_of_merged_equals_unmerged(merged_ner, lora_ner):
     assert merged["loss"] == pytest.approx(unmerged["loss"], abs=1e-5)
 
 
+def _change_before_save(monkeypatch, change):
+    """``change`` edits the merged model right before it is saved (and verified)."""
+    real = merge_mod._merged_model
+
+    def merged_model(*args):
+        model = real(*args)
+        change(model)
+        return model
+
+    monkeypatch.setattr(merge_mod, "_merged_model", merged_model)
+
+
 def test_corrupted_merged_weight_fails_verification_and_writes_nothing(lora_ner, tmp_path, monkeypatch, capsys):
     def corrupt(model):
         with torch.no_grad():
             w = model.bert.encoder.layer[0].attention.self.query.weight
             w.add_(0.5 * torch.randn_like(w))
 
-    monkeypatch.setattr(merge_mod, "_before_save_hooks", [corrupt])
+    _change_before_save(monkeypatch, corrupt)
     out = tmp_path / "merged"
     code = cli.main(["merge", str(lora_ner), "--out", str(out)])
     err = capsys.readouterr().err
@@ -132,7 +144,7 @@ def test_tolerance_is_enforced_even_when_predictions_agree(lora_ner, tmp_path, m
         with torch.no_grad():
             model.classifier.bias.add_(1e-3)  # shifts every logit by 1e-3, argmax unchanged
 
-    monkeypatch.setattr(merge_mod, "_before_save_hooks", [nudge])
+    _change_before_save(monkeypatch, nudge)
     with pytest.raises(VerificationError, match=r"max \|Δlogit\| 0.001 > tolerance 0.0001") as info:
         merge_mod.merge(lora_ner, tmp_path / "m", eval_split="none")
     assert "prediction agreement" not in str(info.value)

@@ -379,7 +379,7 @@ def test_quantized_lora_trains_a_pooler_kept_unquantized(tiny_bert, banking_smal
     with torch.no_grad():
         torch.testing.assert_close(run.model(**batch).logits, load_run(out).model(**batch).logits)
     # merged (dequantized base + LoRA + the trained pooler) into a plain transformers checkpoint
-    from peftlab.merge import merge
+    from peftlab.deploy import merge
     report = merge(out, tmp_path / "merged", verify_examples=8)
     assert report["kind"] == "dequantized" and report["passed"], report
     from transformers import AutoModelForSequenceClassification

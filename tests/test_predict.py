@@ -11,7 +11,7 @@ import peftlab
 from conftest import cls_recipe, ner_recipe
 from peftlab import cli
 from peftlab.errors import PeftlabError
-from peftlab.merge import merge
+from peftlab.deploy import merge
 from peftlab.predict import load_predictor, predict, read_inputs, split_words, tag_spans
 
 

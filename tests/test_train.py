@@ -158,7 +158,7 @@ def test_bad_input_writes_nothing(tiny_bert, wnut_small, tmp_path):
 
 _FRAGMENT = r"""
 import sys, torch
-from peftlab.trainer import current_rss_bytes, set_mmap_threshold
+from peftlab.system import current_rss_bytes, set_mmap_threshold
 if sys.argv[1] == "fixed":
     assert set_mmap_threshold(1.0)
 big = torch.ones(16 * 2**20 // 4); del big   # freeing a 16 MiB mmapped block raises glibc's adaptive threshold

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from peftlab.errors import PeftlabError
     from peftlab.recipe import load_recipe
     from peftlab.tasks import get_task_class
-    from peftlab.trainer import cpu_cores, peak_rss_bytes
+    from peftlab.system import cpu_cores, peak_rss_bytes
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -38,7 +38,7 @@ def _install(fault: str) -> None:
     kind, _, arg = fault.partition(":")
     n = int(arg)
     import peftlab.checkpoint as checkpoint
-    import peftlab.trainer as trainer
+    import peftlab.training.finetune as trainer
 
     if kind == "pause_after_checkpoint":
         original_save = trainer.save_checkpoint

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .atomicio import write_bytes, write_text
-from .errors import PeftlabError
+from ..atomicio import write_bytes, write_text
+from ..errors import PeftlabError
+from .plots import plot_points
+from .records import load_records
 
 MIB = 2**20
 HIDDEN_TEST_METRICS = ("loss", "examples", "completion_tokens")  # counts, not scores
@@ -159,15 +161,6 @@ class Summary:
     ignored: list[dict]
     planned: Optional[int]
     reference: Optional[str] = None
-
-
-def load_records(path: Union[str, os.PathLike]) -> list[dict]:
-    from .bench import read_records
-
-    path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"{path}: results file not found")
-    return read_records(path)
 
 
 def summarize(records: list[dict], plan: Optional[dict] = None) -> Summary:
@@ -508,41 +501,6 @@ def render_comparison_csv(summary: Summary) -> Optional[str]:
     return buf.getvalue()
 
 
-def _plot(summary: Summary, x_key: str, x_label: str, log_x: bool, title: str) -> Optional[bytes]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    m = summary.metric
-    pts = []
-    for row in summary.rows:
-        y = row.stats.get(f"test_{m}")
-        x = row.stats.get(x_key)
-        if y is None or x is None or y.mean is None or x.mean is None or (log_x and x.mean <= 0):
-            continue
-        pts.append((row, x, y))
-    if not pts:
-        return None
-    fig = Figure(figsize=(8, 5.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for row, x, y in pts:
-        baseline = row.first("kind") == "baseline"
-        ax.errorbar(x.mean, y.mean, yerr=y.std or 0.0, xerr=(x.std or 0.0) if not log_x else None,
-                    fmt="s" if baseline else "o", capsize=4, markersize=7,
-                    markerfacecolor="none" if baseline else None)
-        ax.annotate(row.config, (x.mean, y.mean), textcoords="offset points", xytext=(6, 5), fontsize=8)
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(f"test {m} (mean ± std over seeds)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
 def write_report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
     """Write report.md, report.csv (+ baseline_comparison.csv) and the plots; returns their paths."""
     results = Path(results)
@@ -567,7 +525,7 @@ def write_report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, 
              f"test {m} vs trainable parameters"),
             (f"test_{m}_vs_peak_memory.png", mem_key, mem_label, False, f"test {m} vs peak memory"),
         ):
-            png = _plot(summary, key, label, log_x, f"{summary.title}: {caption}")
+            png = plot_points(summary, key, label, log_x, f"{summary.title}: {caption}")
             if png is not None:
                 paths[name] = write_bytes(out / name, png)
                 plots[caption] = name

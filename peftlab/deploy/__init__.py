@@ -1,0 +1,14 @@
+"""Deployable checkpoints from finished runs.
+
+    merge.py   `peftlab merge`: the method folded into plain transformers weights, verified
+    export.py  `peftlab export`: any run packaged (method weights + a reference to the base)
+    verify.py  the comparison with the run and the thresholds of each kind of merge
+    card.py    the model cards (README.md) of both
+    cli.py     the subcommands
+"""
+
+from .export import EXPORT_FILE, export
+from .merge import MERGE_FILE, merge
+from .verify import THRESHOLDS, compare_models, task_metrics
+
+__all__ = ["EXPORT_FILE", "MERGE_FILE", "THRESHOLDS", "compare_models", "export", "merge", "task_metrics"]

@@ -1,0 +1,73 @@
+"""The ``merge`` and ``export`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Callable
+
+from .export import export
+from .merge import DEFAULT_VERIFY_EXAMPLES, DTYPES, EVAL_SPLITS, merge
+from .verify import QUANTIZED_BASE_MODES
+
+
+def add_commands(sub: Any, command: Callable) -> None:
+    """Register ``peftlab merge`` and ``peftlab export`` (called by peftlab.cli)."""
+    m = sub.add_parser(
+        "merge",
+        help="merge a run into a plain transformers checkpoint (verified against the run)",
+        description="Fold the run's method into the backbone's weights and write a checkpoint that "
+        "transformers loads without peft/peftlab. The merged model is checked against the run before "
+        "anything is written; exit 4 when it does not reproduce it.",
+    )
+    m.add_argument("run_dir", help="a finished run folder")
+    m.add_argument("--out", required=True, help="output folder (written atomically)")
+    m.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the run's backbone.dtype)")
+    m.add_argument("--verify-examples", type=int, default=DEFAULT_VERIFY_EXAMPLES,
+                   help=f"validation examples both models run on (default {DEFAULT_VERIFY_EXAMPLES})")
+    m.add_argument("--atol", type=float, default=None,
+                   help="max |Δlogit| allowed (default: 1e-4 exact, 0.5 bfloat16, 0.1 float16, not enforced from quantized)")
+    m.add_argument("--min-agreement", type=float, default=None,
+                   help="minimum prediction agreement, a fraction (default: 1.0 exact, 0.99 dtype change or dequantized, 0.90 reloaded from quantized)")
+    m.add_argument("--eval-split", choices=EVAL_SPLITS, default="validation",
+                   help="split on which the task metric of both models is reported (default validation)")
+    m.add_argument("--quantized-base", choices=QUANTIZED_BASE_MODES, default=QUANTIZED_BASE_MODES[0],
+                   help="runs on int8/nf4/fp4 backbones: dequantize the quantized weights the adapter was trained "
+                        "against (default; reproduces the run) or reload the original full-precision base")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    command("merge")(_merge_cmd)
+
+    e = sub.add_parser(
+        "export",
+        help="package a run (any method) for `peftlab predict`: adapter weights + config + base reference",
+    )
+    e.add_argument("run_dir", help="a finished run folder")
+    e.add_argument("--out", required=True, help="output folder (written atomically)")
+    e.add_argument("--verify-examples", type=int, default=DEFAULT_VERIFY_EXAMPLES)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    command("export")(_export_cmd)
+
+
+def _merge_cmd(args: argparse.Namespace) -> int:
+    report = merge(
+        args.run_dir, args.out, dtype=args.dtype, verify_examples=args.verify_examples, atol=args.atol,
+        min_agreement=args.min_agreement, eval_split=args.eval_split, quantized_base=args.quantized_base,
+        overwrite=args.overwrite,
+    )
+    line = (f"merged: {args.out} ({report['kind']}, {report['dtype']}): max |Δlogit| "
+            f"{report['max_abs_logit_diff']:.3g}, mean {report['mean_abs_logit_diff']:.3g}, agreement "
+            f"{100 * report['agreement']:.2f}% on {report['examples']} validation examples")
+    m = report.get("metrics")
+    if m:
+        metric = m["metric"]
+        line += (f"; {m['split']} {metric} unmerged {m['unmerged'].get(metric, math.nan):.4f} "
+                 f"merged {m['merged'].get(metric, math.nan):.4f}")
+    print(line)
+    return 0
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    report = export(args.run_dir, args.out, verify_examples=args.verify_examples, overwrite=args.overwrite)
+    print(f"exported: {args.out} ({report['method']}; reproduces the run: max |Δlogit| "
+          f"{report['max_abs_logit_diff']:.3g} on {report['examples']} validation examples)")
+    return 0

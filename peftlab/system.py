@@ -1,0 +1,91 @@
+"""The operating system's side of a run: cores, resident memory, glibc's allocator, the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def set_mmap_threshold(mb: float) -> bool:
+    """Fix glibc's mmap threshold at ``mb`` MiB (freed large blocks are unmapped, not kept in the heap).
+
+    glibc raises the threshold to the size of every mmapped block freed (up to 32 MiB), after which
+    activation-sized tensors come from the heap and their memory stays resident once freed; a fixed
+    threshold turns that off. Returns False where there is no glibc ``mallopt`` (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mb * 1024 * 1024)))
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover
+        return peak_rss_bytes()
+
+
+def machine_info() -> dict:
+    cpu = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cpu = cpu or platform.processor() or platform.machine()
+    cores = cpu_cores()
+    mem = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = round(int(line.split()[1]) * 1024 / 2**30, 1)
+    return {
+        "cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "memory_gib": mem,
+        "platform": platform.platform(), "gpus": gpu_info(),
+    }
+
+
+def gpu_info() -> list[dict]:
+    """GPUs as nvidia-smi lists them (the parent never initialises CUDA itself)."""
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            res = subprocess.run(
+                [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            res = None
+        if res is not None and res.returncode == 0:
+            gpus = []
+            for line in res.stdout.strip().splitlines():
+                parts = [p.strip() for p in line.split(",")]
+                if len(parts) >= 3:
+                    with contextlib.suppress(ValueError):
+                        gpus.append({"name": parts[0], "memory_gib": round(float(parts[1]) / 1024, 1), "driver": parts[2]})
+            return gpus
+    return []

@@ -1,0 +1,483 @@
+"""The training loop as one recipe class, the same for 1 or N processes, CPU or GPU::
+
+    FineTuneRecipe(recipe).run() ->
+      setup()            launch checks, data, backbone + method, the run folder, optimizer, loaders
+      resume()           (with --resume) weights, optimizer, schedule, data position and RNG
+      train_epoch() ...  steps; evaluate() on validation -> keep the best; save_checkpoint()
+      finish()           restore the best, evaluate on test, write model/ and the JSON reports
+
+Only rank 0 writes. Every file that marks a result as done is written atomically (runs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from .._version import __version__
+from ..atomicio import remove_stale_temporaries, write_json, write_text
+from ..backbones import load_tokenizer
+from ..checkpoint import latest_checkpoint, load_latest_checkpoint, prune_checkpoints, restore_rng, rng_tensors, save_checkpoint
+from ..errors import PeftlabError, TrainingError
+from ..methods import load_trainable_state
+from ..recipe import Recipe
+from ..runs import (BEST_DIR, CHECKPOINTS_DIR, RunLog, build_model, parameter_report, read_best, write_best,
+                    write_failure, write_results)
+from ..system import current_rss_bytes, peak_rss_bytes, set_mmap_threshold
+from ..tasks import LengthGroupedEpochSampler, get_task_class
+from ..util import scalar_items
+from .launch import check_process_group, check_same_recipe, make_accelerator, prepare_run_dir, set_threads, tracker_config
+from .optim import make_optimizer, make_scheduler
+from .state import TrainState
+
+log = logging.getLogger("peftlab")
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``recipe`` and write its run folder; returns the content of metrics.json."""
+    return FineTuneRecipe(recipe, resume=resume, overwrite=overwrite).run()
+
+
+class FineTuneRecipe:
+    def __init__(self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False):
+        self.recipe, self.cfg = recipe, recipe.train
+        self.resuming, self.overwrite = resume, overwrite
+        self.run_dir = Path(recipe.output.dir)
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
+        self.state = TrainState()
+        self.run_log = RunLog()
+        self.bar: Any = None
+        self.pending_rng: Optional[dict] = None
+        self.wall_start = time.perf_counter()
+
+    def run(self) -> dict:
+        try:
+            self.setup()
+            if self.resuming:
+                self.resume()
+            self.train()
+            return self.finish()
+        finally:
+            self.close_bar()
+            self.run_log.close()
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Everything before the first step; nothing is written until the inputs have been checked."""
+        self.accelerator = make_accelerator(self.recipe, self.run_dir)
+        self.main = self.accelerator.is_main_process
+        check_process_group(self.accelerator)
+        self.threads = set_threads(self.accelerator, self.cfg.num_threads)
+        mmap_note = self._memory_settings()
+        prepare_run_dir(self.run_dir, self.resuming, self.overwrite)
+        if self.resuming:
+            check_same_recipe(self.run_dir, self.recipe)
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed)
+        self._setup_data()
+        self._setup_model()
+        self._create_run_dir()
+        self._log_start(mmap_note)
+        self._setup_optimization()
+
+    def _memory_settings(self) -> Optional[str]:
+        mb = self.cfg.cpu_mmap_threshold_mb
+        if not mb or self.accelerator.device.type != "cpu":
+            return None
+        if set_mmap_threshold(mb):
+            return f"memory: glibc mmap threshold fixed at {mb:g} MiB"
+        return "memory: train.cpu_mmap_threshold_mb ignored (no glibc mallopt here)"
+
+    def _setup_data(self) -> None:
+        task = self.task = get_task_class(self.recipe.task)(self.recipe)
+        self.metric = task.check_metric(self.cfg.metric)
+        self.mode = task.metric_mode(self.metric)
+        self.splits = task.load_splits()
+        self.tokenizer = load_tokenizer(self.recipe.backbone)
+        self.encoded = {"train": task.encode(self.splits.train, self.tokenizer, "train")}
+        self.encoded["validation"] = task.encode(self.splits.validation, self.tokenizer, "validation")
+        if self.splits.test is not None:
+            self.encoded["test"] = task.encode(self.splits.test, self.tokenizer, "test")
+
+    def _setup_model(self) -> None:
+        quantized = self.recipe.backbone.quantization != "none"
+        device = self.accelerator.device if quantized else None  # bitsandbytes quantizes on its device
+        self.built = build_model(self.recipe, self.task, self.tokenizer, device=device)
+        self.model, self.method, self.ctx = self.built.model, self.built.method, self.built.ctx
+        if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = parameter_report(self.built)
+        self.load_rss, self.load_peak = current_rss_bytes(), peak_rss_bytes()
+
+    def _create_run_dir(self) -> None:
+        if self.main:
+            if self.overwrite and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.run_dir)
+            remove_stale_temporaries(self.ckpt_dir)
+            if not self.resuming:
+                write_text(self.run_dir / "recipe.yaml",
+                           f"# resolved recipe (source: {self.recipe.source})\n" + self.recipe.to_yaml())
+                write_json(self.run_dir / "labels.json", self.task.labels)
+            self.run_log.open(self.run_dir / "train.log")
+        self.accelerator.wait_for_everyone()
+
+    def _log_start(self, mmap_note: Optional[str]) -> None:
+        acc, splits, p = self.accelerator, self.splits, self.params
+        log.info("peftlab %s | recipe %s | method %s | %d process(es) on %s, %d thread(s) each",
+                 __version__, self.recipe.source, self.method.name, acc.num_processes, acc.device.type, self.threads)
+        if mmap_note:
+            log.info("%s", mmap_note)
+        for note in splits.notes:
+            log.info("data: %s", note)
+        log.info("data: %d train / %d validation / %s test examples, %d labels", len(splits.train),
+                 len(splits.validation), len(splits.test) if splits.test else "no", len(self.task.labels))
+        log.info("params: %s trainable of %s (%.3f%%; without the head %s = %.3f%%)",
+                 f"{p['trainable_params']:,}", f"{p['total_params']:,}", p["trainable_pct"],
+                 f"{p['trainable_params_without_head']:,}", p["trainable_pct_without_head"])
+
+    def _setup_optimization(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.trainable = self.method.trainable_parameters(self.model)
+        if not self.trainable:
+            raise TrainingError(f"method '{self.method.name}' left no trainable parameters")
+        optimizer = make_optimizer(self.model, self.trainable, self.recipe, self.ctx.head_names)
+        train_dl, eval_dls = self._loaders()
+        self.model, self.optimizer, self.train_dl = acc.prepare(self.model, optimizer, train_dl)
+        self.eval_dls = {split: acc.prepare(dl) for split, dl in eval_dls.items()}
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_dl) / cfg.grad_accum))
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        self.n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.scheduler, warmup = make_scheduler(self.optimizer, self.recipe, self.total_steps)
+        self.state.processes = acc.num_processes
+        log.info("schedule: %d steps (%d epoch(s) x %d), warmup %d, %s decay, lr %g, batch %d x %d accum x %d proc, "
+                 "AdamW (%s)", self.total_steps, self.n_epochs, self.steps_per_epoch, warmup, cfg.scheduler, cfg.lr,
+                 cfg.batch_size, cfg.grad_accum, acc.num_processes,
+                 "fused" if self.optimizer.param_groups[0].get("fused") else "per-tensor loop")
+        if acc.trackers:
+            acc.init_trackers("peftlab", config=tracker_config(self.recipe))
+
+    def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
+        cfg, train = self.cfg, self.encoded["train"]
+        collate = self.task.collator(self.tokenizer)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.group_by_length:
+            sampler = LengthGroupedEpochSampler(train.lengths(), cfg.batch_size * self.accelerator.num_processes, cfg.seed)
+            train_dl = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, generator=generator)
+        else:
+            train_dl = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+        for split in [s for s in self.encoded if s != "train"]:
+            self.encoded[split] = self.encoded[split].sorted_by_length()
+        eval_dls = {split: DataLoader(self.encoded[split], batch_size=cfg.eval_batch_size, shuffle=False,
+                                      collate_fn=collate) for split in self.encoded if split != "train"}
+        return train_dl, eval_dls
+
+    # ----------------------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Continue from the newest readable checkpoint: weights, optimizer, schedule, position, RNG."""
+        acc = self.accelerator
+        ckpt_path, ckpt, problems = load_latest_checkpoint(self.ckpt_dir)
+        if ckpt_path is None or ckpt is None:
+            raise PeftlabError(f"--resume: no readable checkpoint in {self.ckpt_dir} ({'; '.join(problems)})")
+        saved = dict(ckpt["state"])
+        saved_procs = int(saved.get("processes", ckpt["rng"]["torch_cpu"].shape[0]))
+        if saved_procs != acc.num_processes:
+            raise PeftlabError(
+                f"--resume: {ckpt_path} was written by {saved_procs} process(es), this launch has "
+                f"{acc.num_processes}; the data position and random state are per process: "
+                f"resume with --num_processes {saved_procs}"
+            )
+        load_trainable_state(acc.unwrap_model(self.model), ckpt["trainable"], str(ckpt_path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(saved.pop("scheduler"))
+        self.loss_pending = saved.pop("loss_pending", None)
+        self.state = TrainState.from_dict(saved)
+        self.pending_rng = ckpt["rng"]
+        if self.main:  # the best model as it was at this checkpoint, not one from later in the interrupted run
+            if ckpt["best"] is not None:
+                write_best(self.ckpt_dir / BEST_DIR, ckpt["best"], self.state, self.metric)
+            elif self.state.best is None:
+                shutil.rmtree(self.ckpt_dir / BEST_DIR, ignore_errors=True)
+        acc.wait_for_everyone()
+        s = self.state
+        log.info("resume: from %s (step %d, epoch %d, %d batches into it)%s", ckpt_path.name, s.step, s.epoch + 1,
+                 s.batches_done, f"; skipped unreadable {', '.join(problems)}" if problems else "")
+
+    # ------------------------------------------------------------------------------------ train
+    def train(self) -> None:
+        """Every epoch to the end of the schedule (or early stopping), then a last evaluation."""
+        self.open_bar()
+        self.model.train()
+        self._start_loss_interval()
+        stop = self.state.step >= self.total_steps
+        for epoch in range(self.state.epoch, self.n_epochs):
+            if stop:
+                break
+            stop = self.train_epoch(epoch)
+        if not self.state.history or self.state.history[-1]["step"] != self.state.step:
+            self.evaluate()  # max_steps or eval_steps ended the run between evaluations
+        self.close_bar()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch (from where a resumed run stopped); returns True when training should stop."""
+        s, acc = self.state, self.accelerator
+        s.epoch = epoch
+        self.train_dl.set_epoch(epoch)
+        skip = s.batches_done
+        batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+        if self.pending_rng is not None:  # after the iterator exists: its creation may draw random numbers
+            restore_rng(self.pending_rng, acc)
+            self.pending_rng = None
+        self._t_batch = time.perf_counter()
+        for batch in batches:
+            stop = self.step(batch)
+            self._t_batch = time.perf_counter()  # evaluation and checkpoints are not training time
+            if stop:
+                return True
+        stop = self.evaluate() if self.cfg.eval_steps is None else False  # the epoch ran to its end
+        s.epoch, s.batches_done = epoch + 1, 0
+        if not stop:
+            self.save_checkpoint()
+        return stop
+
+    def step(self, batch: dict) -> bool:
+        """One micro-batch (an optimizer step at the end of an accumulation); True: stop training."""
+        s, acc, cfg = self.state, self.accelerator, self.cfg
+        with acc.accumulate(self.model):
+            loss = self.task.training_loss(self.model, batch)
+            self._check_loss(loss)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm:
+                acc.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        s.batches_done += 1
+        self._count(batch, loss)
+        s.train_time += time.perf_counter() - self._t_batch  # from the end of the last step: loading included
+        if not acc.sync_gradients:
+            return False
+        self.scheduler.step()
+        s.step += 1
+        self.bar_update()
+        if s.step % cfg.log_every == 0 or s.step == self.total_steps:
+            self._log_loss()
+        stop = bool(cfg.eval_steps and s.step % cfg.eval_steps == 0) and self.evaluate()
+        if stop or s.step >= self.total_steps:
+            return True
+        # (at the epoch's last batch the end-of-epoch checkpoint follows the evaluation)
+        if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.batches_done < len(self.train_dl):
+            self.save_checkpoint()
+        return False
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item() > 0:
+            value = loss.item()
+            what = f"loss is {value}" if not math.isfinite(value) else "another process's loss is not finite"
+            self._stop(f"train: {what} at step {self.state.step + 1} (epoch {self.state.epoch + 1}); training "
+                       f"stopped. Last good checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none yet'}. "
+                       f"Lower train.lr or check the data")
+
+    def _count(self, batch: dict, loss: torch.Tensor) -> None:
+        self.loss_acc += loss.detach()
+        self.loss_count += 1
+        n = self.accelerator.num_processes
+        self.state.samples += int(batch["input_ids"].shape[0]) * n
+        mask = batch.get("attention_mask")
+        self.state.tokens += (int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())) * n
+
+    def _start_loss_interval(self) -> None:
+        self.loss_acc = torch.zeros((), device=self.accelerator.device)
+        self.loss_count = 0
+        pending = getattr(self, "loss_pending", None)  # resumed: this rank's loss of the interrupted interval
+        if pending:
+            if isinstance(pending[0], list):  # one [sum, count] per rank
+                pending = pending[self.accelerator.process_index]
+            self.loss_acc += pending[0]
+            self.loss_count = int(pending[1])
+
+    def _log_loss(self) -> None:
+        s, acc = self.state, self.accelerator
+        mean_loss = float(acc.reduce(self.loss_acc / max(self.loss_count, 1), "mean"))
+        lr = self.scheduler.get_last_lr()[0]
+        acc.log({"train/loss": mean_loss, "train/lr": lr}, step=s.step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        log.log(logging.DEBUG if self.bar is not None else logging.INFO,
+                "step %d/%d: loss %.4f, lr %.3e", s.step, self.total_steps, mean_loss, lr)
+        s.loss_log.append([s.step, round(mean_loss, 6)])
+        self.loss_acc.zero_()
+        self.loss_count = 0
+
+    # --------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> bool:
+        """Validation pass; keeps the best model. Returns True when training should stop early."""
+        s = self.state
+        t0 = time.perf_counter()
+        metrics = self.task.evaluate(self.model, self.eval_dls["validation"], self.accelerator,
+                                     self.encoded["validation"])
+        s.eval_time += time.perf_counter() - t0
+        self.model.train()
+        value = metrics[self.metric]
+        improved = s.improved(value, self.mode)
+        s.history.append({"epoch": s.epoch + 1, "step": s.step, **scalar_items(metrics)})
+        if improved:
+            self._check_finite("best model")
+            s.best, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch + 1, 0
+            if self.main:
+                self._guard_write(self.ckpt_dir / BEST_DIR, lambda: write_best(
+                    self.ckpt_dir / BEST_DIR, self.trainable_state(), s, self.metric))
+            self.accelerator.wait_for_everyone()
+        else:
+            s.bad_evals += 1
+        self.accelerator.log({f"dev/{k}": v for k, v in scalar_items(metrics).items()}, step=s.step)
+        log.info("eval  epoch %d step %d: dev %s %.4f%s (loss %.4f)", s.epoch + 1, s.step, self.metric, value,
+                 " *best*" if improved else "", metrics.get("loss", float("nan")))
+        patience = self.cfg.early_stopping_patience
+        if patience is not None and s.bad_evals >= patience:
+            log.info("early stopping: no improvement in %d evaluation(s)", patience)
+            return True
+        return False
+
+    # -------------------------------------------------------------------------- save_checkpoint
+    def save_checkpoint(self) -> None:
+        """A resumable checkpoint of the current step (rank 0 writes; every rank's RNG and loss in it)."""
+        self._check_finite("checkpoint")
+        acc, s = self.accelerator, self.state
+        rng = rng_tensors(acc)
+        # every rank's running loss of the current log interval (the logged mean is over all ranks)
+        pending = torch.tensor([[float(self.loss_acc), float(self.loss_count)]], dtype=torch.float64, device=acc.device)
+        pending = acc.gather(pending).cpu().tolist()
+        if self.main:
+            folder = self.ckpt_dir / f"step-{s.step:06d}"
+            extra = {"scheduler": self.scheduler.state_dict(), "loss_pending": pending}
+            self._guard_write(folder, lambda: save_checkpoint(
+                folder, self.trainable_state(), self.optimizer, rng, {**s.to_dict(), **extra},
+                best_file=self.ckpt_dir / BEST_DIR / "trainable.safetensors"))
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def _guard_write(self, target: Path, write: Any) -> None:
+        """Run ``write``; a full disk or a permission error stops training naming the last good checkpoint."""
+        try:
+            write()
+        except OSError as exc:  # the previous checkpoint is intact
+            self.close_bar()
+            raise write_failure(exc, target, f"training stopped at step {self.state.step}", self.ckpt_dir,
+                                self.run_log) from None
+
+    def _check_finite(self, what: str) -> None:
+        """Never save non-finite weights as a checkpoint or as the best model (same on every rank)."""
+        bad = [n for n, p in self.trainable.items() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            s = self.state
+            self._stop(f"train: weights became non-finite (nan/inf in {bad[0]}) at step {s.step} "
+                       f"(epoch {s.epoch + 1}); {what} not saved, training stopped. Last good checkpoint: "
+                       f"{latest_checkpoint(self.ckpt_dir) or 'none yet'}. Lower train.lr or check the data")
+
+    def _stop(self, message: str) -> None:
+        self.close_bar()  # the error is the last line the user sees
+        self.run_log.record_failure(message)
+        raise TrainingError(message)
+
+    # ----------------------------------------------------------------------------------- finish
+    def finish(self) -> dict:
+        """Restore the best model, test it, check the processes agree, write model/ and the reports."""
+        acc, s = self.accelerator, self.state
+        acc.wait_for_everyone()
+        load_trainable_state(self.unwrapped(), read_best(self.ckpt_dir / BEST_DIR), "best model")
+        test_metrics = self._test()
+        fingerprints = self._fingerprints()
+        results = {
+            "task": self.task.name, "method": self.method.name, "metric": self.metric,
+            "best_step": s.best_step, "best_epoch": s.best_epoch, "steps": s.step,
+            "dev": next(h for h in s.history if h["step"] == s.best_step), "test": test_metrics,
+            "history": s.history, "train_loss": s.loss_log,
+        }
+        if self.main:
+            write_results(self.run_dir, self.unwrapped(), self.built, self.tokenizer, self.recipe, self.params,
+                          self._resources(fingerprints), results, self.run_log)
+            log.info("done: %s (dev %s %.4f at epoch %s%s)", self.run_dir, self.metric, s.best, s.best_epoch,
+                     f"; test {self.metric} {test_metrics[self.metric]:.4f}" if test_metrics else "")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return results
+
+    def _test(self) -> Optional[dict]:
+        if "test" not in self.eval_dls:
+            return None
+        t0 = time.perf_counter()
+        metrics = self.task.evaluate(self.model, self.eval_dls["test"], self.accelerator, self.encoded["test"])
+        self.state.eval_time += time.perf_counter() - t0
+        log.info("test (best model, step %d): %s", self.state.best_step,
+                 ", ".join(f"{k} {v:.4f}" for k, v in scalar_items(metrics).items() if k != "examples"))
+        return metrics
+
+    def _fingerprints(self) -> list[list[float]]:
+        """Two sums of the trainable weights per process: every process must end with the same model."""
+        total, weighted = 0.0, 0.0
+        params = self.trainable_state()
+        for i, name in enumerate(sorted(params)):
+            v = params[name].detach().double()
+            total += float(v.sum())
+            weighted += float((v * (i + 1)).abs().sum())
+        mine = torch.tensor([[total, weighted]], dtype=torch.float64, device=self.accelerator.device)
+        fingerprints = self.accelerator.gather(mine).cpu().tolist()
+        if any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for fp in fingerprints for a, b in zip(fp, fingerprints[0])):
+            raise TrainingError(f"train: the {len(fingerprints)} processes ended with different weights {fingerprints}")
+        return fingerprints
+
+    def _resources(self, fingerprints: list) -> dict:
+        acc, s = self.accelerator, self.state
+        peaks = acc.gather(torch.tensor([peak_rss_bytes()], dtype=torch.float64, device=acc.device)).cpu().tolist()
+        per_s = (lambda n: round(n / s.train_time, 3) if s.train_time else None)
+        resources = {
+            "peak_rss_bytes": int(max(peaks)), "peak_rss_bytes_per_rank": [int(p) for p in peaks],
+            "load_rss_bytes": int(self.load_rss), "load_peak_rss_bytes": int(self.load_peak),
+            "train_time_s": round(s.train_time, 3), "eval_time_s": round(s.eval_time, 3),
+            "wall_time_s": round(time.perf_counter() - self.wall_start, 3),
+            "train_samples": s.samples, "train_tokens": s.tokens,
+            "samples_per_s": per_s(s.samples), "tokens_per_s": per_s(s.tokens),
+            "optimizer_steps": s.step, "processes": acc.num_processes, "threads_per_process": self.threads,
+            "device": str(acc.device), "rank_weight_fingerprints": fingerprints, "resumed": bool(self.resuming),
+        }
+        if torch.cuda.is_available() and acc.device.type == "cuda":
+            resources["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated(acc.device))
+            resources["cuda_max_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(acc.device))
+        return resources
+
+    # ---------------------------------------------------------------------------------- helpers
+    def unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.method.trainable_parameters(self.unwrapped()).items()}
+
+    def open_bar(self) -> None:
+        """A progress bar on a terminal; where stderr is a file, the loss lines are the progress."""
+        if self.main and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=2.0)
+
+    def bar_update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
