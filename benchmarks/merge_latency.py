@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     from peftlab.atomicio import write_json, write_text
     from peftlab.backbones import resolve_backbone
     from peftlab.deploy import merge
-    from peftlab.runs import load_run, read_json
+    from peftlab.runs import load_run
+    from peftlab.util import read_json
     from peftlab.system import cpu_cores
 
     transformers.logging.set_verbosity_error()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .errors import PeftlabError
+from .util import default_device
 from .recipe import BackboneConfig
 
 # Top-level attribute names of task heads in transformers' *For<Task> classes.
@@ -138,13 +139,6 @@ def compute_dtype(cfg: BackboneConfig, device: Optional[torch.device] = None) ->
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def default_device() -> torch.device:
-    """The device accelerate gives this process (cuda:<local rank>, mps, xpu or cpu)."""
-    from accelerate import PartialState
-
-    return PartialState().device
 
 
 def quantization_config(
@@ -351,16 +345,3 @@ def find_layers(model: Any) -> torch.nn.ModuleList:
     if best is None:
         raise PeftlabError("model: cannot find its list of transformer layers")
     return best
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(total, trainable) parameter counts; 4-bit weights count their unpacked size."""
-    total = trainable = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n = int(getattr(p, "quant_state", None).shape.numel()) if getattr(p, "quant_state", None) else n * 2
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return total, trainable

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 
 from .errors import PeftlabError
+from .util import default_device, is_bnb_model
 
 PathLike = Union[str, Path]
 
@@ -87,16 +88,6 @@ def register_predictor(task: str) -> Callable[[PredictFn], PredictFn]:
 # ------------------------------------------------------------------------------------- loading
 
 
-def _device() -> torch.device:
-    from accelerate import PartialState
-
-    return PartialState().device
-
-
-def _is_bnb(model: Any) -> bool:
-    return any(p.__class__.__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
-
-
 def _max_length(model: Any, tokenizer: Any) -> int:
     limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
@@ -119,7 +110,7 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
     from .runs import MODEL_DIR
 
     path = Path(path)
-    device = device or _device()
+    device = device or default_device()
     if not path.is_dir():
         raise PeftlabError(f"{path}: no such folder (expected a run folder, an export or a merged checkpoint)")
     if (path / "recipe.yaml").is_file() and (path / MODEL_DIR).is_dir():
@@ -127,7 +118,7 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
         from .runs import load_run
 
         run = load_run(path, device=device)
-        if not _is_bnb(run.model):
+        if not is_bnb_model(run.model):
             run.model.to(device)
         run.model.eval()
         source = "export" if (path / EXPORT_FILE).is_file() else "run"

@@ -17,7 +17,6 @@ Run folder layout (written by :mod:`peftlab.training`)::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,10 +159,6 @@ def load_run(run_dir: str | Path, device: Optional[torch.device] = None) -> Load
     model = method.load(model_dir, ctx)
     model.eval()
     return LoadedRun(recipe, task, tokenizer, model, method, ctx, run_dir)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------ writing a run's outputs

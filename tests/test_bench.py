@@ -528,7 +528,7 @@ def test_real_specs_plan(tmp_path):
 def test_spec_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("recipe: r.yaml\nmethods:\n  - name: lora\n    overides: [train.lr=1]\n")
-    with pytest.raises(PeftlabError, match=r"bad.yaml:4: methods.0.overides: unknown key \(did you mean 'overrides'\?\)"):
+    with pytest.raises(PeftlabError, match=r"bad.yaml:4: methods.0.overides: unknown key \(did you mean 'methods.0.overrides'\?\)"):
         plan_bench(bad)
     bad.write_text("methods:\n  - {name: a, recipe: r.yaml}\n  - {name: a, recipe: r.yaml}\n")
     with pytest.raises(PeftlabError, match="configuration name 'a' is used twice"):

@@ -6,7 +6,7 @@ import io
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from .report import Summary
+    from .summary import Summary
 
 
 def plot_points(summary: Summary, x_key: str, x_label: str, log_x: bool, title: str) -> Optional[bytes]:

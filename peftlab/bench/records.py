@@ -51,8 +51,6 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def load_records(path: Union[str, os.PathLike]) -> list[dict]:
-    from .bench import read_records
-
     path = Path(path)
     if not path.is_file():
         raise PeftlabError(f"{path}: results file not found")
@@ -111,8 +109,13 @@ def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path]
         "git": ctx["git"],
         "machine": ctx["machine"],
     }
-    if status != "ok" or run_dir is None:
-        return rec
+    if status == "ok" and run_dir is not None:
+        _add_run_fields(rec, run_dir, parent_peak)
+    return rec
+
+
+def _add_run_fields(rec: dict, run_dir: Path, parent_peak: Optional[int]) -> None:
+    """What a finished run folder says: resolved recipe, metrics, parameters, memory, time."""
     metrics = read_json_or_none(run_dir / "metrics.json") or {}
     params = read_json_or_none(run_dir / "params.json") or {}
     res = read_json_or_none(run_dir / "resources.json") or {}
@@ -154,4 +157,3 @@ def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path]
     rec["time"] = {k: res.get(k) for k in (
         "train_time_s", "eval_time_s", "wall_time_s", "samples_per_s", "tokens_per_s", "train_samples",
         "train_tokens", "optimizer_steps", "processes", "threads_per_process", "device")}
-    return rec

@@ -110,6 +110,72 @@ class _Lock:
         self.fh.close()
 
 
+def _select(plan: BenchPlan, records: dict, summary: BenchSummary, only: Optional[list[str]],
+            rerun: Optional[list[str]], skip_failed: bool, keep_changed: bool) -> tuple[list[Cell], list[str], list[str]]:
+    """(cells to run, finished cells whose recipe changed, finished cells to re-run); skipped ones go to summary."""
+    todo, changed, again = [], [], []
+    for cell in plan.cells:
+        rec = records.get(cell.id)
+        selected = _cell_matches(cell, only)
+        if rerun and selected and _cell_matches(cell, rerun):
+            again.append(cell.id)
+            todo.append(cell)
+            continue
+        if rec is not None and rec.get("status") == "ok":
+            if rec.get("recipe_hash") == cell.recipe_hash or keep_changed:
+                summary.skipped.append(cell.id)
+                continue
+            changed.append(cell.id)
+        elif rec is not None and skip_failed:
+            summary.skipped.append(cell.id)
+            continue
+        if selected:
+            todo.append(cell)
+    return todo, changed, again
+
+
+def _run_cells(plan: BenchPlan, todo: list[Cell], again: list[str], records: dict, summary: BenchSummary,
+               resume: bool, say) -> None:
+    """Run the selected cells one after the other, recording each as soon as it ends."""
+    jsonl = plan.results_dir / RESULTS_FILE
+    ctx = {"versions": versions(), "git": git_info(), "machine": machine_info()}
+    t_start = time.time()
+    for i, cell in enumerate(todo):
+        left = todo[i:]
+        eta = [_estimate(c, records) for c in left]
+        known = [e for e in eta if e is not None]
+        eta_txt = _fmt_duration(sum(known) * len(left) / len(known)) if known else "? (after the first cell)"
+        # a cell still to run in this run (re-run, changed recipe, failed before) is not done yet
+        pending = {c.id for c in left}
+        finished = [records.get(c.id, {}).get("status") for c in plan.cells if c.id not in pending]
+        done, failed = finished.count("ok"), finished.count("failed")
+        say(f"[{done}/{len(plan.cells)} done{f', {failed} failed' if failed else ''}; this run: "
+            f"{i}/{len(todo)} done, {len(left)} left, ETA {eta_txt}] cell {cell.id}")
+        rec = _run_or_harvest(plan, cell, ctx, resume, say, fresh=cell.id in again)
+        if rec.get("harvested"):
+            summary.harvested.append(cell.id)
+        else:
+            summary.ran.append(cell.id)
+        if rec["status"] != "ok":
+            summary.failed.append(cell.id)
+        records[cell.id] = rec
+        on_disk = [r for r in read_records(jsonl) if r["cell"] != cell.id]
+        write_records(jsonl, on_disk + [rec])
+        if rec["status"] == "ok":
+            main = rec.get("metric")
+            val = (rec.get("test") or {}).get(main) if main else None
+            mem = (rec.get("memory") or {}).get("peak_rss_bytes")
+            say(f"  ok in {_fmt_duration(rec.get('cell_wall_s'))}: test {main} "
+                f"{val if val is None else round(val, 4)}, peak RSS "
+                f"{'?' if mem is None else round(mem / 2**20)} MiB")
+        else:
+            say(f"  FAILED: {rec.get('error')}")
+    if todo:
+        say(f"ran {len(summary.ran)} cell(s) in {_fmt_duration(time.time() - t_start)}"
+            f"{f', {len(summary.failed)} failed' if summary.failed else ''}"
+            f"{f'; recorded {len(summary.harvested)} finished run(s) without training' if summary.harvested else ''}")
+
+
 def run_bench(
     spec_path: Union[str, os.PathLike],
     *,
@@ -138,24 +204,7 @@ def run_bench(
 
     with _Lock(plan.work_dir / LOCK_FILE):
         records = {r["cell"]: r for r in read_records(jsonl, warn=out)}
-        todo, changed, again = [], [], []
-        for cell in plan.cells:
-            rec = records.get(cell.id)
-            selected = _cell_matches(cell, only)
-            if rerun and selected and _cell_matches(cell, rerun):
-                again.append(cell.id)
-                todo.append(cell)
-                continue
-            if rec is not None and rec.get("status") == "ok":
-                if rec.get("recipe_hash") == cell.recipe_hash or keep_changed:
-                    summary.skipped.append(cell.id)
-                    continue
-                changed.append(cell.id)
-            elif rec is not None and skip_failed:
-                summary.skipped.append(cell.id)
-                continue
-            if selected:
-                todo.append(cell)
+        todo, changed, again = _select(plan, records, summary, only, rerun, skip_failed, keep_changed)
         n_ok = sum(1 for c in plan.cells if records.get(c.id, {}).get("status") == "ok"
                    and c.id not in changed and c.id not in again)
         say(f"{plan.name}: {len(plan.cells)} cells ({plan.profile} profile), {n_ok} finished, "
@@ -180,42 +229,7 @@ def run_bench(
             **({"reference": plan.spec.reference} if plan.spec.reference else {}),
             "cells": [c.plan_entry() for c in plan.cells],
         })
-        ctx = {"versions": versions(), "git": git_info(), "machine": machine_info()}
-        t_start = time.time()
-        for i, cell in enumerate(todo):
-            left = todo[i:]
-            eta = [_estimate(c, records) for c in left]
-            known = [e for e in eta if e is not None]
-            eta_txt = _fmt_duration(sum(known) * len(left) / len(known)) if known else "? (after the first cell)"
-            # a cell still to run in this run (re-run, changed recipe, failed before) is not done yet
-            pending = {c.id for c in left}
-            finished = [records.get(c.id, {}).get("status") for c in plan.cells if c.id not in pending]
-            done, failed = finished.count("ok"), finished.count("failed")
-            say(f"[{done}/{len(plan.cells)} done{f', {failed} failed' if failed else ''}; this run: "
-                f"{i}/{len(todo)} done, {len(left)} left, ETA {eta_txt}] cell {cell.id}")
-            rec = _run_or_harvest(plan, cell, ctx, resume, say, fresh=cell.id in again)
-            if rec.get("harvested"):
-                summary.harvested.append(cell.id)
-            else:
-                summary.ran.append(cell.id)
-            if rec["status"] != "ok":
-                summary.failed.append(cell.id)
-            records[cell.id] = rec
-            on_disk = [r for r in read_records(jsonl) if r["cell"] != cell.id]
-            write_records(jsonl, on_disk + [rec])
-            if rec["status"] == "ok":
-                main = rec.get("metric")
-                val = (rec.get("test") or {}).get(main) if main else None
-                mem = (rec.get("memory") or {}).get("peak_rss_bytes")
-                say(f"  ok in {_fmt_duration(rec.get('cell_wall_s'))}: test {main} "
-                    f"{val if val is None else round(val, 4)}, peak RSS "
-                    f"{'?' if mem is None else round(mem / 2**20)} MiB")
-            else:
-                say(f"  FAILED: {rec.get('error')}")
-        if todo:
-            say(f"ran {len(summary.ran)} cell(s) in {_fmt_duration(time.time() - t_start)}"
-                f"{f', {len(summary.failed)} failed' if summary.failed else ''}"
-                f"{f'; recorded {len(summary.harvested)} finished run(s) without training' if summary.harvested else ''}")
+        _run_cells(plan, todo, again, records, summary, resume, say)
     if report and jsonl.is_file():
         summary.report = write_report(jsonl, plan.results_dir)
         say(f"report: {summary.report['markdown']}")

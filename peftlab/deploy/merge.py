@@ -144,6 +144,64 @@ def load_splits_or_explain(task: Any, run_dir: Path) -> Any:
         ) from None
 
 
+def _check_options(dtype: str, quantized_base: str, eval_split: str, verify_examples: int,
+                   atol: Optional[float], min_agreement: Optional[float]) -> None:
+    if dtype not in DTYPES:
+        raise PeftlabError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    if quantized_base not in QUANTIZED_BASE_MODES:
+        raise PeftlabError(f"--quantized-base: '{quantized_base}' is not one of {', '.join(QUANTIZED_BASE_MODES)}")
+    if eval_split not in EVAL_SPLITS:
+        raise PeftlabError(f"--eval-split: '{eval_split}' is not one of {', '.join(EVAL_SPLITS)}")
+    if verify_examples < 1:
+        raise PeftlabError("--verify-examples: expected a positive number of validation examples")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise PeftlabError("--min-agreement: expected a fraction between 0 and 1")
+    if atol is not None and atol < 0:
+        raise PeftlabError("--atol: expected a non-negative tolerance")
+
+
+def _thresholds(kind: str, atol: Optional[float], min_agreement: Optional[float]) -> dict:
+    """The kind's default thresholds, with the ones given on the command line instead."""
+    default = THRESHOLDS[kind]
+    return {
+        "max_abs_logit_diff": default.atol if atol is None else atol,
+        "min_agreement": default.min_agreement if min_agreement is None else min_agreement,
+        "defaults_of": kind,
+        "note": default.note,
+    }
+
+
+def _both_metrics(reference: Any, checkpoint: Any, run: Any, rows: list[dict], split: str, metric: str) -> dict:
+    """The task metric of the unmerged and the merged model on ``rows``."""
+    log.info(f"merge: task metric of both models on {len(rows)} {split} example(s)")
+    m_ref = task_metrics(reference, run.task, run.tokenizer, rows)
+    m_new = task_metrics(checkpoint, run.task, run.tokenizer, rows)
+    return {"split": split, "metric": metric, "unmerged": m_ref, "merged": m_new,
+            "delta": m_new.get(metric, math.nan) - m_ref.get(metric, math.nan)}
+
+
+def _verify_report(run_dir: Path, run: Any, method: Any, dtype: str, kind: str, quantized_base: str, stats: dict,
+                   thresholds: dict, checkpoint: Any, params_json: dict) -> dict:
+    """verify.json of a merge: what was merged how, the comparison and the thresholds it was held to."""
+    recipe = run.recipe
+    return {
+        "run": str(run_dir.resolve()),
+        "task": run.task.name,
+        "method": method.name,
+        "backbone": recipe.backbone.name,
+        "quantization": recipe.backbone.quantization,
+        "quantized_base": quantized_base if recipe.backbone.quantization != "none" else None,
+        "run_dtype": recipe.backbone.dtype,
+        "dtype": dtype,
+        "kind": kind.split(":")[0],
+        "split": "validation",
+        **stats,
+        "thresholds": thresholds,
+        "params": {"merged": sum(p.numel() for p in checkpoint.parameters()), "run_total": params_json.get("total_params")},
+        "peftlab_version": __version__,
+    }
+
+
 def merge(
     run_dir: PathLike,
     out: PathLike,
@@ -172,28 +230,11 @@ def merge(
     _refuse_unmergeable(run_dir, method)
     if dtype is None:
         dtype = recipe.backbone.dtype
-    if dtype not in DTYPES:
-        raise PeftlabError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
-    if quantized_base not in QUANTIZED_BASE_MODES:
-        raise PeftlabError(f"--quantized-base: '{quantized_base}' is not one of {', '.join(QUANTIZED_BASE_MODES)}")
-    if eval_split not in EVAL_SPLITS:
-        raise PeftlabError(f"--eval-split: '{eval_split}' is not one of {', '.join(EVAL_SPLITS)}")
-    if verify_examples < 1:
-        raise PeftlabError("--verify-examples: expected a positive number of validation examples")
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise PeftlabError("--min-agreement: expected a fraction between 0 and 1")
-    if atol is not None and atol < 0:
-        raise PeftlabError("--atol: expected a non-negative tolerance")
+    _check_options(dtype, quantized_base, eval_split, verify_examples, atol, min_agreement)
     check_out(out, overwrite, [run_dir])
 
     kind = merge_kind(recipe.backbone.quantization, recipe.backbone.dtype, dtype, quantized_base)
-    default = THRESHOLDS[kind]
-    thresholds = {
-        "max_abs_logit_diff": default.atol if atol is None else atol,
-        "min_agreement": default.min_agreement if min_agreement is None else min_agreement,
-        "defaults_of": kind,
-        "note": default.note,
-    }
+    thresholds = _thresholds(kind, atol, min_agreement)
 
     device = default_device()
     log.info(f"merge: loading {run_dir} as trained ({recipe.method.name}, quantization {recipe.backbone.quantization})")
@@ -220,36 +261,13 @@ def merge(
         checkpoint.eval()
         log.info(f"merge: verifying on {len(verify_rows)} validation example(s)")
         stats = compare_models(reference, checkpoint, run.task, run.tokenizer, verify_rows, device)
-        report: dict[str, Any] = {
-            "run": str(run_dir.resolve()),
-            "task": run.task.name,
-            "method": method.name,
-            "backbone": recipe.backbone.name,
-            "quantization": recipe.backbone.quantization,
-            "quantized_base": quantized_base if recipe.backbone.quantization != "none" else None,
-            "run_dtype": recipe.backbone.dtype,
-            "dtype": dtype,
-            "kind": kind.split(":")[0],
-            "split": "validation",
-            **stats,
-            "thresholds": thresholds,
-            "params": {"merged": sum(p.numel() for p in checkpoint.parameters()), "run_total": params_json.get("total_params")},
-            "peftlab_version": __version__,
-        }
+        report = _verify_report(run_dir, run, method, dtype, kind, quantized_base, stats, thresholds, checkpoint,
+                                params_json)
         if eval_split != "none":
             rows = splits.validation if eval_split == "validation" else splits.test
             if rows:
-                log.info(f"merge: task metric of both models on {len(rows)} {eval_split} example(s)")
                 metric = metrics_json.get("metric") or run.task.check_metric(recipe.train.metric)
-                m_ref = task_metrics(reference, run.task, run.tokenizer, rows)
-                m_new = task_metrics(checkpoint, run.task, run.tokenizer, rows)
-                report["metrics"] = {
-                    "split": eval_split,
-                    "metric": metric,
-                    "unmerged": m_ref,
-                    "merged": m_new,
-                    "delta": m_new.get(metric, math.nan) - m_ref.get(metric, math.nan),
-                }
+                report["metrics"] = _both_metrics(reference, checkpoint, run, rows, eval_split, metric)
         failures = threshold_failures(stats, thresholds)
         if merged_params != report["params"]["merged"]:
             failures.append(f"the saved checkpoint has {report['params']['merged']} parameters, the merged model {merged_params}")

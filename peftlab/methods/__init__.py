@@ -76,6 +76,13 @@ class Method:
     def apply(self, model: Any, ctx: MethodContext) -> Any:
         raise NotImplementedError
 
+    @staticmethod
+    def train_head(model: Any, ctx: MethodContext) -> None:
+        """Make the task head (``ctx.head_names``) trainable."""
+        for name in ctx.head_names:
+            for p in getattr(model, name).parameters():
+                p.requires_grad_(True)
+
     def trainable_parameters(self, model: Any) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

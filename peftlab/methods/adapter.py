@@ -197,9 +197,7 @@ class Adapter(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         add_adapters(model, self.options)
-        for name in ctx.head_names:
-            for p in getattr(model, name).parameters():
-                p.requires_grad_(True)
+        self.train_head(model, ctx)
         for module in extra:  # floating point: check_modules_to_save made sure
             for p in module.parameters():
                 p.requires_grad_(True)

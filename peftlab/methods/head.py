@@ -30,9 +30,7 @@ class HeadOnly(Method):
     def apply(self, model: Any, ctx: MethodContext) -> Any:
         for p in model.parameters():
             p.requires_grad_(False)
-        for name in ctx.head_names:
-            for p in getattr(model, name).parameters():
-                p.requires_grad_(True)
+        self.train_head(model, ctx)
         k = self.options.unfreeze_last_layers
         if k:
             layers = find_layers(model)

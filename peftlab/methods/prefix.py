@@ -392,9 +392,7 @@ class Prefix(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         add_prefix(model, options)
-        for name in ctx.head_names:
-            for p in getattr(model, name).parameters():
-                p.requires_grad_(True)
+        self.train_head(model, ctx)
         return model
 
     def apply(self, model: Any, ctx: MethodContext) -> Any:
