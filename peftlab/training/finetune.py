@@ -406,9 +406,10 @@ class FineTuneRecipe:
             "dev": next(h for h in s.history if h["step"] == s.best_step), "test": test_metrics,
             "history": s.history, "train_loss": s.loss_log,
         }
+        resources = self._resources(fingerprints)  # a collective: every process takes part
         if self.main:
             write_results(self.run_dir, self.unwrapped(), self.built, self.tokenizer, self.recipe, self.params,
-                          self._resources(fingerprints), results, self.run_log)
+                          resources, results, self.run_log)
             log.info("done: %s (dev %s %.4f at epoch %s%s)", self.run_dir, self.metric, s.best, s.best_epoch,
                      f"; test {self.metric} {test_metrics[self.metric]:.4f}" if test_metrics else "")
         acc.wait_for_everyone()
