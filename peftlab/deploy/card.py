@@ -156,6 +156,12 @@ def _usage(task: str, name: str) -> list[str]:
     return ["```python", *code, "```", "", "or with peftlab: `peftlab predict " + name + ' "some text"`']
 
 
+def _run_sections(recipe: Any, metrics_json: dict, params_json: dict, report: dict) -> list[str]:
+    """The Parameters, Data and Metrics sections both cards share."""
+    return ["## Parameters", "", *_params_lines(params_json, report), "", "## Data", "",
+            *_data_lines(recipe, metrics_json), "", "## Metrics of the run", "", *_metric_table(metrics_json), ""]
+
+
 def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict) -> str:
     """README.md of a merged checkpoint: what it is, how it was trained and verified, how to use it."""
     recipe, task = run.recipe, run.task.name
@@ -189,18 +195,7 @@ def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict) ->
         f"- labels ({len(run.task.labels)}): " + ", ".join(f"`{label}`" for label in run.task.labels),
         f"- source run: `{report['run']}`",
         "",
-        "## Parameters",
-        "",
-        *_params_lines(params_json, report),
-        "",
-        "## Data",
-        "",
-        *_data_lines(recipe, metrics_json),
-        "",
-        "## Metrics of the run",
-        "",
-        *_metric_table(metrics_json),
-        "",
+        *_run_sections(recipe, metrics_json, params_json, report),
         "## Merge verification",
         "",
         *_verify_lines(report),
@@ -245,18 +240,7 @@ def export_card(run: Any, info: dict, report: dict) -> str:
         'print(peftlab.predict("PATH/TO/THIS/FOLDER", ["some text"]))',
         "```",
         "",
-        "## Parameters",
-        "",
-        *_params_lines(params_json, {}),
-        "",
-        "## Data",
-        "",
-        *_data_lines(recipe, metrics_json),
-        "",
-        "## Metrics of the run",
-        "",
-        *_metric_table(metrics_json),
-        "",
+        *_run_sections(recipe, metrics_json, params_json, {}),
         "## Export verification",
         "",
         f"Loaded back from this folder, the model reproduces the run on {report['examples']} validation examples: "
