@@ -37,9 +37,12 @@ class Registry:
         self._unavailable: dict[str, str] = {}  # names deliberately not offered -> why
         self._state = "new"  # new -> loading -> loaded
 
-    def configure(self, base: type, check: Callable[[Any, str], Optional[str]]) -> None:
-        """Called by the plugin package: what a registered class must subclass, how to vet a plugin."""
-        self.base, self.check = base, check
+    def configure(self, base: type, check: Optional[Callable[[Any, str], Optional[str]]] = None) -> None:
+        """Called by the plugin package: what a registered class must subclass, and its own checks of
+        an entry-point class beyond the base class and the name."""
+        self.base = base
+        if check is not None:
+            self.check = check
 
     # -- registering ----------------------------------------------------------------------------
     def register(self, cls: type) -> type:
@@ -124,6 +127,16 @@ class Registry:
                 continue
             self._load_entry_point(ep, where, dist)
 
+    def _vet(self, cls: Any, ep_name: str) -> Optional[str]:
+        """Why an entry point's target is not a usable plugin (the base class, the name, then the
+        package's own check), or None."""
+        if self.base is not None and not (isinstance(cls, type) and issubclass(cls, self.base)):
+            return f"is not a subclass of {self.base.__module__}.{self.base.__name__}"
+        name = cls.__dict__.get("name")  # an inherited name (a subclass of lora) takes the entry point's
+        if name is not None and name != ep_name:
+            return f"{cls.__name__}.name is '{name}' but the entry point is named '{ep_name}'; they must match"
+        return self.check(cls, ep_name)
+
     def _load_entry_point(self, ep: Any, where: str, dist: str) -> None:
         try:
             cls = ep.load()
@@ -131,7 +144,7 @@ class Registry:
             first = (str(exc).strip().splitlines() or [""])[0]
             self._errors[ep.name] = f"{where}: {type(exc).__name__}: {first}".rstrip(": ")
             return
-        problem = self.check(cls, ep.name)
+        problem = self._vet(cls, ep.name)
         if problem is None:
             if "name" not in cls.__dict__:
                 cls.name = ep.name

@@ -103,3 +103,40 @@ def test_unknown_plugin_name_without_the_package(tiny_bert, wnut_small, tmp_path
     res = run_cli("validate", str(recipe))
     assert res.returncode == 2 and "unknown method 'bitfit'" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+class _EntryPoint:
+    """What importlib.metadata yields for one declared entry point."""
+
+    def __init__(self, name, target):
+        self.name, self.value, self._target = name, f"pkg:{name}", target
+        self.dist = type("Dist", (), {"name": "some-plugin"})()
+
+    def load(self):
+        return self._target
+
+
+def test_registry_vets_entry_points_of_every_kind(monkeypatch):
+    """The registry, not each plugin package, refuses a class of the wrong kind or with a name
+    other than its entry point's; a valid task plugin registers under its entry-point name."""
+    import importlib.metadata
+
+    from peftlab.registry import Registry
+    from peftlab.tasks import Task
+    from peftlab.tasks.sequence_classification import SequenceClassification
+
+    class Renamed(SequenceClassification):
+        name = "other_name"
+
+    class Pairs(SequenceClassification):
+        pass
+
+    eps = [_EntryPoint("not_a_task", dict), _EntryPoint("mine", Renamed), _EntryPoint("pairs", Pairs)]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: eps if group == "peftlab.tasks" else [])
+    registry = Registry("task", "peftlab.tasks", builtins=("sequence_classification",))
+    registry.configure(Task)
+    problems = registry.problems()
+    assert any("'not_a_task'" in p and "is not a subclass of peftlab.tasks.Task" in p for p in problems), problems
+    assert any("Renamed.name is 'other_name' but the entry point is named 'mine'" in p for p in problems), problems
+    assert registry.get("pairs") is Pairs and Pairs.name == "pairs"
+    assert registry.source("pairs") == "some-plugin"

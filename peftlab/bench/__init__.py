@@ -11,14 +11,16 @@ rewritten atomically). A cell whose record says ``ok`` is skipped on the next ru
 retried (``--skip-failed`` keeps it); a cell killed mid-way has no record and is re-run, or continued
 from its newest checkpoint with ``--resume``. The report is computed from the records alone.
 
-    spec.py     the spec schema and loader        plan.py     spec -> cells
-    runner.py   running cells, the lock           records.py  results.jsonl, one record per cell
-    machine.py  versions, git, machine            report.py   report.md / report.csv
-    plots.py    the report's plots                cli.py      `peftlab bench`, `peftlab report`
+    spec.py        the spec schema and loader     plan.py     spec -> cells
+    runner.py      running cells, the lock        records.py  results.jsonl, one record per cell
+    provenance.py  versions, git commit           report.py   report.md / report.csv
+    summary.py     statistics over the records    plots.py    the report's plots
+    cli.py         `peftlab bench`, `peftlab report`
 """
 
-from .machine import git_info, machine_info, versions
+from ..system import machine_info
 from .plan import plan_bench
+from .provenance import git_info, versions
 from .records import read_records
 from .report import write_report
 from .runner import run_bench

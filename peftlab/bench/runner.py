@@ -18,9 +18,10 @@ from typing import Optional, TextIO, Union
 from ..atomicio import write_json
 from ..checkpoint import latest_checkpoint
 from ..errors import PeftlabError
+from ..system import machine_info
 from ..util import read_json_or_none
-from .machine import git_info, machine_info, versions
 from .plan import BenchPlan, Cell, _cell_matches, plan_bench
+from .provenance import git_info, versions
 from .records import PLAN_FILE, RESULTS_FILE, build_record, last_error_line, read_records, write_records
 from .report import write_report
 

@@ -180,16 +180,11 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str)
 
 
 def _check_plugin_class(cls: Any, ep_name: str) -> Optional[str]:
-    """Why ``cls`` (an entry point's target) is not a usable method, or None."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        return "is not a subclass of peftlab.methods.Method"
+    """Why a Method subclass from an entry point is not usable, or None."""
     if cls.apply is Method.apply:
         return f"{cls.__name__} does not implement apply(model, ctx)"
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
         return f"{cls.__name__}.Options is not a pydantic BaseModel"
-    name = cls.__dict__.get("name")  # an inherited name (a subclass of lora) takes the entry point's
-    if name is not None and name != ep_name:
-        return f"{cls.__name__}.name is '{name}' but the entry point is named '{ep_name}'; they must match"
     return None
 
 

@@ -147,17 +147,7 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
         return iter(self.inner)
 
 
-def _check_plugin_class(cls: Any, ep_name: str) -> Optional[str]:
-    """Why ``cls`` (an entry point's target) is not a usable task, or None."""
-    if not (isinstance(cls, type) and issubclass(cls, Task)):
-        return "is not a subclass of peftlab.tasks.Task"
-    name = cls.__dict__.get("name")
-    if name is not None and name != ep_name:
-        return f"{cls.__name__}.name is '{name}' but the entry point is named '{ep_name}'; they must match"
-    return None
-
-
-TASKS.configure(Task, _check_plugin_class)
+TASKS.configure(Task)
 register_task = TASKS.register
 available_tasks = TASKS.available
 get_task_class = TASKS.get

@@ -1,4 +1,4 @@
-"""What a record says about where it ran: package versions, the git commit, the machine."""
+"""What a record says about the code it ran: package versions and the git commit."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import platform
 import subprocess
 from pathlib import Path
 from typing import Optional
-
-from ..system import machine_info  # noqa: F401  (re-exported: a record describes the machine)
 
 VERSION_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "peftlab")
 CODE_PATHS = ("peftlab", "recipes", "benchmarks", "pyproject.toml")
