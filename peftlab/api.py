@@ -37,7 +37,7 @@ def train(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, resume: 
 
 def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check_data: bool = True) -> dict:
     """Check a recipe without training: schema, method options, data files and labels, backbone name."""
-    from .backbones import resolve_backbone
+    from .backbones import check_max_length, resolve_backbone
     from .tasks import get_task_class
 
     r = as_recipe(recipe, overrides)
@@ -53,6 +53,12 @@ def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check
             labels=len(task.labels),
         )
     summary["backbone"] = resolve_backbone(r.backbone)
+    check_max_length(r.backbone, r.data.max_length)
+    if check_data:
+        from .backbones import empty_model
+        from .runs import check_target_modules
+
+        check_target_modules(r, empty_model(r.backbone, task.auto_model, task.model_kwargs(), summary["backbone"]))
     if r.backbone.quantization != "none":  # bitsandbytes installed? (train would fail at model load)
         from .backbones import quantization_config
 

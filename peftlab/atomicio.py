@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,7 +52,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _audit(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.{os.getpid()}-", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
@@ -94,7 +95,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _audit(final)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.{os.getpid()}-", dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
@@ -115,14 +116,34 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete leftovers of interrupted atomic writes directly inside ``folder``."""
+def _writer_alive(name: str) -> bool:
+    """Whether the process that made temporary ``name`` (``.tmp-X.<pid>-…`` / ``.tmp-X.old-<pid>``)
+    still runs; names without a PID are from before PIDs were recorded: stale."""
+    m = re.search(r"\.(?:old-)?(\d+)(?:-[^.]*)?$", name)
+    if m is None:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Delete leftovers of interrupted atomic writes directly inside ``folder`` (only those of
+    ``name`` when given), unless the process writing them still runs."""
     folder = Path(folder)
     if not folder.is_dir():
         return
+    prefix = TMP_PREFIX if name is None else f"{TMP_PREFIX}{name}."
     for child in folder.iterdir():
-        if child.name.startswith(TMP_PREFIX):
-            if child.is_dir():
+        if child.name.startswith(prefix) and not _writer_alive(child.name):
+            if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 with contextlib.suppress(FileNotFoundError):

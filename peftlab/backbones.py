@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -87,11 +88,73 @@ def resolve_backbone(cfg: BackboneConfig) -> str:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise PeftlabError(f"backbone.name: {name} is not a model folder (no config.json)")
-        _check_weights_format(path, cfg)
+        check_model_folder(path, cfg)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PeftlabError(f"backbone.name: no such model folder: {name}")
     return name  # a hub id
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def model_config(folder: Path) -> dict:
+    """The folder's config.json; one line when it is not a JSON object."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PeftlabError(f"backbone.name: {folder / 'config.json'} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PeftlabError(f"backbone.name: {folder / 'config.json'} must hold a JSON object")
+    return config
+
+
+def check_model_folder(folder: Path, cfg: BackboneConfig) -> None:
+    """What can be checked before loading: config.json, the tokenizer files, readable safetensors
+    headers (a truncated file, or pickle under a .safetensors name), pickle-only weights."""
+    model_config(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise PeftlabError(f"backbone.name: {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                           "save the tokenizer next to the model (tokenizer.save_pretrained)")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise PeftlabError(f"backbone.name: {weights} is not a complete safetensors file ({problem})")
+    _check_weights_format(folder, cfg)
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a whole safetensors file (header unreadable, or data cut short), or None.
+    Reads the header only: 8 bytes of length, a JSON table of tensors and their byte ranges."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                return "its header length does not fit the file: truncated, or another format (pickle?)"
+            header = json.loads(fh.read(n))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"unreadable header: {exc}"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if len(ends) != len([k for k in header if k != "__metadata__"]):
+        return "its header is not a safetensors tensor table"
+    if 8 + n + max(ends, default=0) > size:
+        return f"{size} bytes where the header needs {8 + n + max(ends)}: truncated"
+    return None
+
+
+def check_max_length(cfg: BackboneConfig, max_length: int) -> None:
+    """``data.max_length`` must fit the model's position embeddings (longer inputs would crash)."""
+    path = Path(resolve_backbone(cfg))
+    if not path.is_dir():
+        return  # a hub id: checked when it is loaded
+    config = model_config(path)
+    positions = next((config[k] for k in ("max_position_embeddings", "n_positions") if isinstance(config.get(k), int)), None)
+    if positions is not None and max_length > positions:
+        raise PeftlabError(f"data.max_length: {max_length} is more than the {positions} positions of "
+                           f"{cfg.name}; use at most {positions}")
 
 
 def _check_weights_format(folder: Path, cfg: BackboneConfig) -> None:
@@ -198,6 +261,23 @@ def match_modules(names: list[str], target: str, key: str, kind: str) -> list[st
     return matched
 
 
+def empty_model(cfg: BackboneConfig, auto_model: str, model_kwargs: dict, path: str) -> Any:
+    """The model's modules without weights (meta tensors), or None when the config cannot build one
+    (the real load then reports why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("dtype", "use_safetensors")}
+    try:
+        config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **config_kwargs
+        )
+        with init_empty_weights():
+            return auto_class(auto_model).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the load itself reports real problems
+        return None
+
+
 def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict, path: str) -> list[str]:
     """Modules a quantized load must keep in full precision.
 
@@ -210,17 +290,8 @@ def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict
     weights to load.
     """
     skip = list(HEAD_CANDIDATES) + ["lm_head"]
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    config_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("dtype", "use_safetensors")}
-    try:
-        config = AutoConfig.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **config_kwargs
-        )
-        with init_empty_weights():
-            skeleton = auto_class(auto_model).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    except Exception:  # noqa: BLE001 - the load itself reports real problems
+    skeleton = empty_model(cfg, auto_model, model_kwargs, path)
+    if skeleton is None:
         return skip + [m for m in cfg.unquantized_modules if m not in skip]
 
     def is_linear(module: Any) -> bool:
@@ -228,7 +299,7 @@ def unquantized_modules(cfg: BackboneConfig, auto_model: str, model_kwargs: dict
 
     names = [n for n, _ in skeleton.named_modules() if n]
     for target in cfg.unquantized_modules:
-        matched = match_modules(names, target, "backbone.unquantized_modules", config.model_type)
+        matched = match_modules(names, target, "backbone.unquantized_modules", skeleton.config.model_type)
         for name, module in skeleton.named_modules():
             inside = any(name == m or name.startswith(m + ".") for m in matched)
             if inside and is_linear(module) and name not in skip:

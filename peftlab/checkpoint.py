@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomicio import atomic_dir
+from .atomicio import TMP_PREFIX, atomic_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 BEST_FILE = "best.safetensors"
@@ -134,7 +134,11 @@ def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     ckpts = list_checkpoints(checkpoints_dir)
     for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first: a kill during the delete leaves a temporary (removed at the next start),
+        # never a half-deleted step-* folder that looks like a checkpoint
+        trash = old.parent / f"{TMP_PREFIX}{old.name}.old-{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:

@@ -172,12 +172,25 @@ def _is_secondary_rank() -> bool:
     return os.environ.get("RANK", "0") not in ("", "0")
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may also follow the flags
+    (``train R --overwrite train.epochs=1``), which argparse alone refuses."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     setup_logging()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         return COMMANDS[args.command](args)
     except PeftlabError as exc:
         # Every rank sees the same bad input; rank 0 reports it. Training failures print everywhere.

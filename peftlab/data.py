@@ -56,14 +56,16 @@ def _read_text(path: Path, key: str) -> str:
     return text.lstrip("\ufeff")
 
 
-def read_conll(path: Path, key: str = "train") -> list[dict]:
+def read_conll(path: Path, key: str = "train", notes: Optional[list[str]] = None) -> list[dict]:
     """One ``TOKEN<TAB>TAG`` (or whitespace-separated, tag last) per line; any whitespace-only line
-    ends a sentence; ``-DOCSTART-`` lines are skipped."""
+    ends a sentence; ``-DOCSTART-`` lines are skipped. A line whose token is empty (``<TAB>O``, as in
+    some corpora in the wild) holds no word: it is skipped, and ``notes`` gets one line counting them."""
     text = _read_text(path, key)
     sentences: list[dict] = []
     tokens: list[str] = []
     tags: list[str] = []
     start = 0
+    empty_tokens: list[int] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             if tokens:
@@ -73,7 +75,10 @@ def read_conll(path: Path, key: str = "train") -> list[dict]:
         if line.startswith("-DOCSTART-"):
             continue
         parts = line.split("\t") if "\t" in line else line.split()
-        if len(parts) < 2 or not parts[-1].strip() or not parts[0]:
+        if len(parts) >= 2 and not parts[0].strip() and parts[-1].strip():
+            empty_tokens.append(lineno)
+            continue
+        if len(parts) < 2 or not parts[-1].strip():
             raise PeftlabError(
                 f"{path}:{lineno}: expected 'TOKEN<TAB>TAG', found no tag in {line.strip()[:40]!r}"
             )
@@ -83,12 +88,25 @@ def read_conll(path: Path, key: str = "train") -> list[dict]:
         tags.append(parts[-1].strip())
     if tokens:
         sentences.append({"tokens": tokens, "tags": tags, "_where": f"{path}:{start}"})
+    if empty_tokens and notes is not None:
+        notes.append(f"{path}:{empty_tokens[0]}: skipped {len(empty_tokens)} line(s) whose token is empty "
+                     "(a tag with no word)")
     return sentences
 
 
 def read_table(path: Path, delimiter: str, columns: list[str], key: str) -> list[dict]:
     text = _read_text(path, key)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    csv.field_size_limit(2**31 - 1)  # a long text cell is data, not an error (the default is 128 KiB)
+    # strict: a stray or unclosed quote is an error, not a field that silently swallows the lines after it
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        return _table_rows(reader, path, columns)
+    except csv.Error as exc:  # line_num counts the lines read before the bad one
+        raise PeftlabError(f"{path}:{reader.line_num + 1}: not valid {'CSV' if delimiter == ',' else 'TSV'}: "
+                           f"{exc}") from None
+
+
+def _table_rows(reader: csv.DictReader, path: Path, columns: list[str]) -> list[dict]:
     header = reader.fieldnames or []
     for col in columns:
         if col not in header:
@@ -103,6 +121,8 @@ def read_table(path: Path, delimiter: str, columns: list[str], key: str) -> list
         for col in columns:
             if row.get(col) is None:
                 raise PeftlabError(f"{path}:{reader.line_num}: row has no value for column '{col}'")
+            if not row[col].strip():
+                raise PeftlabError(f"{path}:{reader.line_num}: column '{col}' is empty")
         rows.append({**{c: row[c] for c in columns}, "_where": f"{path}:{reader.line_num}"})
     return rows
 
@@ -140,7 +160,8 @@ def _format_of(cfg: DataConfig, path: Path) -> str:
     return fmt
 
 
-def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str) -> list[dict]:
+def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
+               notes: Optional[list[str]] = None) -> list[dict]:
     """Read one split (``key`` = train/validation/test). ``kind`` is 'tokens' or 'text'."""
     source = getattr(cfg, key)
     if cfg.hub is not None or cfg.format == "hub":
@@ -151,7 +172,7 @@ def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str) -> list
         if fmt == "conll":
             if kind != "tokens":
                 raise PeftlabError(f"data.{key}: CoNLL files hold token tags; this task needs text rows")
-            rows = read_conll(path, key)
+            rows = read_conll(path, key, notes)
             rows = [{columns[0]: r["tokens"], columns[1]: r["tags"], "_where": r["_where"]} for r in rows]
         elif fmt in ("csv", "tsv"):
             if kind == "tokens":
@@ -208,9 +229,9 @@ def _fixed_seed_subset(rows: list, n: int, seed: int) -> list:
 def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
     """Read train/validation/test; carve a fixed-seed validation split when none is given."""
     notes = []
-    train = read_split(cfg, "train", columns, kind)
+    train = read_split(cfg, "train", columns, kind, notes)
     if cfg.validation is not None:
-        validation = read_split(cfg, "validation", columns, kind)
+        validation = read_split(cfg, "validation", columns, kind, notes)
     else:
         order = list(range(len(train)))
         random.Random(cfg.split_seed).shuffle(order)
@@ -228,8 +249,58 @@ def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         train = _fixed_seed_subset(train, cfg.max_train_samples, cfg.split_seed + 1)
         notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")
-    test = read_split(cfg, "test", columns, kind) if cfg.test is not None else None
+    test = read_split(cfg, "test", columns, kind, notes) if cfg.test is not None else None
     if test is not None and cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
         notes.append(f"test: fixed-seed subset of {cfg.max_test_samples} of {len(test)} examples (seed {cfg.split_seed + 2})")
         test = _fixed_seed_subset(test, cfg.max_test_samples, cfg.split_seed + 2)
     return Splits(train=train, validation=validation, test=test, notes=notes)
+
+
+def _kind_of(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_text_rows(rows: list[dict], text_columns: list[str]) -> None:
+    """Every text column holds a non-empty string (JSONL can hold null, numbers, lists)."""
+    for row in rows:
+        for col in text_columns:
+            value = row[col]
+            if not isinstance(value, str):
+                raise PeftlabError(f"{row['_where']}: '{col}' is {_kind_of(value)}; expected a string")
+            if not value.strip():
+                raise PeftlabError(f"{row['_where']}: '{col}' is empty")
+
+
+def check_labels(rows: list[dict], col: str) -> None:
+    """One label per row, all strings or all integers: 1 and "1" must not silently become one label."""
+    first: Optional[tuple[str, str]] = None  # (kind, where) of the first label
+    for row in rows:
+        value, kind = row[col], _kind_of(row[col])
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise PeftlabError(f"{row['_where']}: label '{col}' is {kind}; expected a string or an integer")
+        first = first or (kind, row["_where"])
+        if kind != first[0]:
+            raise PeftlabError(f"{row['_where']}: label {value!r} is {kind}, but the label at {first[1]} is "
+                               f"{first[0]}; use one type for every label")
+
+
+TAG_PREFIXES = ("B-", "I-", "E-", "S-")  # IOB2, and IOBES's end / single
+
+
+def check_token_rows(rows: list[dict], tok_col: str, tag_col: str) -> None:
+    """Tokens and tags are lists of strings of the same length; tags are IOB2/IOBES (``O``, ``B-PER``)."""
+    for row in rows:
+        where, tokens, tags = row["_where"], row[tok_col], row[tag_col]
+        for col, value in ((tok_col, tokens), (tag_col, tags)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                got = _kind_of(value) if not isinstance(value, list) else "a list holding non-strings"
+                raise PeftlabError(f"{where}: '{col}' is {got}; expected a list of strings")
+        if len(tokens) != len(tags):
+            raise PeftlabError(f"{where}: {len(tokens)} tokens but {len(tags)} tags; expected one tag per token")
+        if any(not tok for tok in tokens):
+            raise PeftlabError(f"{where}: token {tokens.index('') + 1} is empty; every token must be a word")
+        for tag in tags:
+            if tag != "O" and not (tag[:2] in TAG_PREFIXES and len(tag) > 2):
+                hint = f" (e.g. B-{tag} / I-{tag})" if "-" not in tag else ""
+                raise PeftlabError(f"{where}: tag '{tag}' is not IOB2: expected O, B-TYPE or I-TYPE{hint}")

@@ -405,6 +405,10 @@ def _predict_cmd(args: argparse.Namespace) -> int:
         raise PeftlabError("command line: give texts to predict or --input FILE (see `peftlab predict --help`)")
     if args.top_k < 1:
         raise PeftlabError("--top-k: expected a positive number")
+    if args.batch_size < 1:
+        raise PeftlabError("--batch-size: expected a positive number")
+    if args.output and Path(args.output).is_dir():
+        raise PeftlabError(f"--output: {args.output} is a folder; expected the path of a file to write")
     predictor = load_predictor(args.model_dir)
     if predictor.task == "sequence_classification" and args.top_k > 1:
         rows = _with_top_k(predictor, texts, args)

@@ -9,7 +9,7 @@ A recipe is a YAML file with five sections::
     train: {lr: 1e-3, epochs: 5}
     output: {dir: runs/lora_ner}
 
-``load_recipe(path, overrides)`` reads it with ``yaml.safe_load``, applies ``key=value`` overrides,
+``load_recipe(path, overrides)`` reads it with a SafeLoader that refuses duplicate keys, applies ``key=value`` overrides,
 validates every key (method options included, against the method plugin's own ``Options`` model)
 and returns a :class:`Recipe`. Any problem raises :class:`~peftlab.errors.PeftlabError` with one
 line naming the file, the key (and line) and what was expected. ``peftlab schema`` prints this
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import PeftlabError
 from .registry import METHODS, TASKS
-from .validation import closest, fields_at, format_validation_error, yaml_line
+from .validation import closest, fields_at, first_non_finite, format_validation_error, read_yaml_file, where_from
 
 
 class StrictModel(BaseModel):
@@ -254,9 +254,17 @@ def _check_override_key(path: tuple[str, ...], item: str) -> None:
             raise PeftlabError(f"command line: override '{item}': unknown key '{where}'{suggestion}")
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], applied: Optional[dict] = None) -> dict:
+    """Set each ``key=value`` in ``data``; ``applied`` (if given) records key path -> override."""
     for path, value, item in parse_overrides(overrides):
         _check_override_key(path, item)
+        if path == ("method",) and isinstance(value, str):
+            raise PeftlabError(
+                f"command line: override '{item}': would replace every method option; to change the method "
+                f"and keep the recipe's options write method.name={value}, or give them all as "
+                f"method={{name: {value}, ...}}")
+        if applied is not None:
+            applied[path] = item
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -275,19 +283,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: Path) -> tuple[dict, str]:
-    if not path.is_file():
-        raise PeftlabError(f"{path}: recipe file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PeftlabError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise PeftlabError(f"{path}{line}: invalid YAML: {problem}") from None
+    data, text = read_yaml_file(path, "recipe")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -296,34 +292,39 @@ def read_yaml(path: Path) -> tuple[dict, str]:
 
 
 def recipe_from_dict(
-    data: dict, source: str = "<recipe>", text: Optional[str] = None, default_output: Optional[str] = None
+    data: dict, source: str = "<recipe>", text: Optional[str] = None, default_output: Optional[str] = None,
+    overrides: Optional[dict] = None,
 ) -> Recipe:
-    """Validate a recipe given as a dict (the Python API's entry point)."""
+    """Validate a recipe given as a dict (the Python API's entry point). ``overrides`` maps the key
+    paths set on the command line to their override, so an error names it instead of a line."""
     data = dict(data)
     if isinstance(data.get("method"), str):  # `method: lora` is short for `method: {name: lora}`
         data["method"] = {"name": data["method"]}
+    bad = first_non_finite(data)
+    if bad:
+        key = ".".join(map(str, bad[0]))
+        raise PeftlabError(f"{where_from(bad[0], source, text, overrides)}: {key}: must be a finite number "
+                           f"(got {bad[1]})")
+    errors = dict(source=source, text=text, aliases=KEY_ALIASES, overrides=overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise PeftlabError(format_validation_error(err, source, Recipe, text=text, aliases=KEY_ALIASES)) from None
+        raise PeftlabError(format_validation_error(err, model=Recipe, **errors)) from None
     recipe._source = source
 
-    line = lambda *p: f"{source}:{yaml_line(text, p)}" if yaml_line(text, p) else source  # noqa: E731
     try:
         TASKS.get(recipe.task)
     except PeftlabError as exc:
-        raise PeftlabError(f"{line('task')}: task: {exc}") from None
+        raise PeftlabError(f"{where_from(('task',), source, text, overrides)}: task: {exc}") from None
     try:
         method_cls = METHODS.get(recipe.method.name)
     except PeftlabError as exc:
-        raise PeftlabError(f"{line('method', 'name')}: method.name: {exc}") from None
+        raise PeftlabError(f"{where_from(('method', 'name'), source, text, overrides)}: method.name: {exc}") from None
     try:
         options = method_cls.Options.model_validate(recipe.method.options_dict())
     except ValidationError as err:
-        raise PeftlabError(
-            format_validation_error(err, source, method_cls.Options, prefix=("method",), text=text,
-                                    aliases=KEY_ALIASES)
-        ) from None
+        raise PeftlabError(format_validation_error(err, model=method_cls.Options, prefix=("method",),
+                                                   **errors)) from None
     method_cls.check_recipe(recipe, options)  # raises PeftlabError naming the key
     recipe.method = MethodSpec(name=recipe.method.name, **options.model_dump(mode="json"))
     recipe._method_options = options
@@ -336,8 +337,8 @@ def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     """Read, override and validate a recipe file. Raises PeftlabError (one line) on any problem."""
     path = Path(path)
     data, text = read_yaml(path)
+    applied: dict = {}
     if overrides:
-        data = apply_overrides(data, list(overrides))
-    return recipe_from_dict(
-        data, source=str(path), text=text, default_output=str(Path("runs") / path.stem)
-    )
+        data = apply_overrides(data, list(overrides), applied)
+    return recipe_from_dict(data, source=str(path), text=text, default_output=str(Path("runs") / path.stem),
+                            overrides=applied)

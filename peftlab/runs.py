@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from .backbones import PICKLE_SUFFIXES, find_head_names, load_model, load_tokenizer, resolve_backbone
+from .backbones import (PICKLE_SUFFIXES, find_head_names, load_model, load_tokenizer, resolve_backbone,
+                        safetensors_problem)
 from .atomicio import atomic_dir, write_json
 from .checkpoint import latest_checkpoint
 from .errors import PeftlabError, TrainingError
@@ -79,8 +80,23 @@ def build_model(recipe: Recipe, task: Any, tokenizer: Any = None, device: Option
     for name, p in base.named_parameters():
         counts["head" if is_head_parameter(name, head_names) else "backbone"] += _numel(p)
     ctx = MethodContext(task=task, backbone=recipe.backbone, head_names=head_names, load_base=load_base)
+    check_target_modules(recipe, base)
     model = method.apply(base, ctx)
     return BuiltModel(model, method, ctx, counts)
+
+
+def check_target_modules(recipe: Recipe, model: Any) -> None:
+    """A list of ``method.target_modules`` must name at least one module (as peft matches: the full
+    name or its last dotted parts); peft's own error for this is a traceback."""
+    targets = getattr(recipe.method_options, "target_modules", None)
+    if not isinstance(targets, list) or not targets or model is None:
+        return
+    names = [n for n, _ in model.named_modules()]
+    if any(n == t or n.endswith("." + t) for n in names for t in targets):
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    raise PeftlabError(f"method.target_modules: {targets} matches no module of {recipe.backbone.name}; "
+                       f"its linear layers are named: {', '.join(linear)}")
 
 
 def parameter_report(built: BuiltModel) -> dict:
@@ -139,6 +155,10 @@ def load_run(run_dir: str | Path, device: Optional[torch.device] = None) -> Load
             f"{model_dir}: holds pickle weights ({pickles[0]}); pickle can run code on load and peftlab writes "
             f"safetensors only: remove them, or set backbone.allow_pickle: true in {run_dir / 'recipe.yaml'} if you trust them"
         )
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise PeftlabError(f"{weights}: not a complete safetensors file ({problem}); the run's model is damaged")
     info = read_method_file(model_dir)
     task = get_task_class(recipe.task)(recipe)
     task.set_labels(info["labels"])
@@ -190,12 +210,27 @@ class RunLog:
             self.handler = None
 
 
-def write_failure(exc: OSError, target: Path, what: str, ckpt_dir: Path, run_log: RunLog) -> TrainingError:
+_WRITE_FAILURE_WORDS = ("no space left", "read-only file system", "permission denied", "disk quota", "os error")
+
+
+def write_error_reason(exc: BaseException) -> Optional[str]:
+    """Why a write failed, when ``exc`` is a failed write: an OSError, or what safetensors (a
+    SafetensorError) and tokenizers (a bare Exception) raise for the same OS errors; else None."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if type(exc).__name__ in ("SafetensorError", "Exception") and any(w in text.lower() for w in _WRITE_FAILURE_WORDS):
+        return text
+    return None
+
+
+def write_failure(exc: BaseException, target: Path, what: str, ckpt_dir: Path, run_log: RunLog) -> TrainingError:
     """The error of a write that failed (full disk, permissions), naming the last good checkpoint."""
     last = latest_checkpoint(ckpt_dir)
+    resume = "continue with --resume" if last else "run it again"
     message = (
-        f"output.dir: cannot write {target} ({exc.strerror or exc}); {what}. Last good checkpoint: "
-        f"{last or 'none'}; free space (or fix permissions) and continue with --resume"
+        f"output.dir: cannot write {target} ({write_error_reason(exc) or exc}); {what}. Last good checkpoint: "
+        f"{last or 'none'}; free space (or fix permissions) and {resume}"
     )
     run_log.record_failure(message)
     return TrainingError(message)
@@ -228,6 +263,8 @@ def write_results(run_dir: Path, model: Any, built: BuiltModel, tokenizer: Any, 
         write_json(run_dir / "params.json", params)
         write_json(run_dir / "resources.json", resources)
         write_json(run_dir / "metrics.json", results)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - only write failures become the one-line error
+        if write_error_reason(exc) is None:
+            raise
         raise write_failure(exc, run_dir, "training finished but its results were not saved",
                             run_dir / CHECKPOINTS_DIR, run_log) from None

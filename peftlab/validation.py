@@ -7,11 +7,77 @@ Every pydantic schema of peftlab (recipes, bench specs) reports its first error 
 from __future__ import annotations
 
 import difflib
+import math
 import typing
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
+
+from .errors import PeftlabError
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping holding the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(str(key), seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_file(path: Path, what: str) -> tuple[Any, str]:
+    """The parsed YAML of ``path`` and its text; one-line errors for a missing or unreadable file,
+    invalid YAML and duplicate keys. ``what`` names the file's role ("recipe", "benchmark spec")."""
+    if path.is_dir():
+        raise PeftlabError(f"{path}: is a folder; expected a {what} file (.yaml)")
+    if not path.is_file():
+        raise PeftlabError(f"{path}: {what} file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PeftlabError(f"{path}: not UTF-8 text (byte {exc.start}); a {what} must be UTF-8 YAML") from None
+    except OSError as exc:
+        raise PeftlabError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        loader = _UniqueKeyLoader(text)  # what yaml.load does, with the SafeLoader subclass above
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _DuplicateKey as exc:
+        raise PeftlabError(f"{path}:{exc.again}: duplicate key '{exc.key}' (first at line {exc.first}); "
+                           "YAML would keep only the last") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PeftlabError(f"{path}{line}: invalid YAML: {problem}") from None
+    return data, text
+
+
+def first_non_finite(data: Any, path: tuple = ()) -> Optional[tuple[tuple, float]]:
+    """The key path and value of the first inf/nan float in nested dicts/lists, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path, data
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = first_non_finite(value, path + (key,))
+        if found:
+            return found
+    return None
 
 
 def closest(word: str, choices: list[str], aliases: Optional[dict] = None) -> Optional[str]:
@@ -74,14 +140,24 @@ def yaml_line(text: Optional[str], path: tuple) -> Optional[int]:
     return line
 
 
+def where_from(loc: tuple, source: Any, text: Optional[str], overrides: Optional[dict] = None) -> str:
+    """``file:line`` of the key at ``loc``, or the command-line override that set it."""
+    for path, item in (overrides or {}).items():
+        if loc[:len(path)] == path:
+            return f"command line: override '{item}'"
+    line = yaml_line(text, loc)
+    return f"{source}:{line}" if line else str(source)
+
+
 def format_validation_error(err: ValidationError, source: Any, model: type[BaseModel], prefix: tuple = (),
-                            text: Optional[str] = None, aliases: Optional[dict] = None) -> str:
-    """One line for the first error of ``err``: ``source:line: key: what was wrong``."""
+                            text: Optional[str] = None, aliases: Optional[dict] = None,
+                            overrides: Optional[dict] = None) -> str:
+    """One line for the first error of ``err``: ``source:line: key: what was wrong``; ``overrides``
+    maps key paths set on the command line to the override, which is named instead of a line."""
     e = err.errors()[0]
     loc = prefix + tuple(e["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
-    line = yaml_line(text, loc)
-    where = f"{source}:{line}" if line else str(source)
+    where = where_from(loc, source, text, overrides)
     if e["type"] == "extra_forbidden":
         valid = fields_at(model, tuple(e["loc"][:-1])) or []
         hint = closest(str(e["loc"][-1]), valid, aliases)

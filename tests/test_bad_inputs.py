@@ -10,10 +10,12 @@ that it reports the same line. Placeholders in the expected text: {recipe} (the 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 
@@ -49,6 +51,8 @@ class Ctx:
     text: str
     values: dict
     env: dict = field(default_factory=dict)
+    raw: Optional[bytes] = None  # written as the recipe file instead of ``text``
+    target: Optional[str] = None  # the path given on the command line instead of the recipe file
 
     def sub(self, old: str, new: str) -> None:
         assert old in self.text, old
@@ -81,6 +85,54 @@ def banking_csv(c: Ctx, header: str) -> None:
     for key in ("train", "validation", "test"):
         c.data_file(key, f"{key}.csv", f"{header}\n{rows}\n")
     c.sub("data:\n", "data:\n  label_column: category\n")
+
+
+def jsonl_ner(c: Ctx, bad_row: dict) -> None:
+    """NER from JSONL: two good rows, then ``bad_row`` in train."""
+    good = [{"tokens": ["Paris", "is", "big"], "tags": ["B-location", "O", "O"]}] * 2
+    c.data_file("train", "train.jsonl", "".join(json.dumps(r) + "\n" for r in good + [bad_row]))
+
+
+def jsonl_text(c: Ctx, rows: list[dict]) -> None:
+    """Text classification from JSONL rows (train) and two good rows (validation, test)."""
+    c.sub("task: token_classification", "task: sequence_classification")
+    good = [{"text": "my card", "label": "card"}, {"text": "the rate", "label": "rate"}]
+    c.data_file("train", "train.jsonl", "".join(json.dumps(r) + "\n" for r in good + rows))
+    for key in ("validation", "test"):
+        c.data_file(key, f"{key}.jsonl", "".join(json.dumps(r) + "\n" for r in good))
+
+
+def backbone_copy(c: Ctx, name: str, change: Callable[[Path], None]) -> None:
+    """Point the recipe at a copy of the tiny BERT changed by ``change``."""
+    folder = c.tmp / name
+    shutil.copytree(c.values["tiny"], folder)
+    change(folder)
+    c.sub(f"  name: {c.values['tiny']}", f"  name: {folder}")
+    c.values["copy"] = str(folder)
+
+
+def truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+
+
+def pickle_as_safetensors(folder: Path) -> None:
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, folder / "model.safetensors")
+
+
+def output_at(c: Ctx, path: Path) -> None:
+    c.sub(f"  dir: {c.values['out']}", f"  dir: {path}")
+    c.values["target_out"] = str(path)
+
+
+def bench_spec(c: Ctx, override: str) -> None:
+    """The case's recipe file becomes a bench spec over a copy of the recipe, with ``override``."""
+    recipe = c.tmp / "lora.yaml"
+    recipe.write_text(c.text, encoding="utf-8")
+    c.raw = (f"name: bad\nseeds: [1]\nmethods:\n  - name: lora\n    recipe: {recipe}\n"
+             f"    overrides: [{override}]\n").encode()
 
 
 def conll_with_label(c: Ctx, key: str, label: str) -> None:
@@ -157,6 +209,96 @@ CASES = [
          lambda c: c.sub("  name: lora", "  name: os.system")),
     Case("task-is-not-an-import-path", "{recipe}:3: task: unknown task 'builtins.eval'; known: ",
          lambda c: c.sub("task: token_classification", "task: builtins.eval")),
+    # -- recipes that silently meant something else
+    Case("duplicate-yaml-key", "{recipe}:13: duplicate key 'lr' (first at line 12); YAML would keep only the last",
+         lambda c: c.sub("  lr: 1.0e-3\n", "  lr: 1.0e-3\n  lr: 2.0e-3\n")),
+    Case("override-method-by-name",
+         "command line: override 'method=ia3': would replace every method option; to change the method and keep "
+         "the recipe's options write method.name=ia3", overrides=("method=ia3",)),
+    Case("override-bad-value-names-the-override",
+         "command line: override 'train.lr=fast': train.lr: Input should be a valid number",
+         overrides=("train.lr=fast",)),
+    Case("override-infinite-lr", "command line: override 'train.lr=.inf': train.lr: must be a finite number (got inf)",
+         overrides=("train.lr=.inf",)),
+    Case("recipe-nan-value", "{recipe}:13: train.epochs: must be a finite number (got nan)",
+         lambda c: c.sub("  epochs: 1", "  epochs: .nan"), cmd="validate"),
+    Case("recipe-is-a-folder", "{tmp}: is a folder; expected a recipe file (.yaml)",
+         lambda c: setattr(c, "target", str(c.tmp)), cmd="validate"),
+    # -- silently wrong data
+    Case("plain-tags-not-iob2", "{train}:1: tag 'PER' is not IOB2: expected O, B-TYPE or I-TYPE (e.g. B-PER / I-PER)",
+         lambda c: c.data_file("train", "plain.conll", "Jo\tPER\nruns\tO\n")),
+    Case("lowercase-iob-prefix", "{train}:1: tag 'b-location' is not IOB2: expected O, B-TYPE or I-TYPE",
+         lambda c: c.data_file("train", "lower.conll", "Paris\tb-location\nis\tO\n"), cmd="validate"),
+    Case("jsonl-null-text", "{train}:3: 'text' is null; expected a string",
+         lambda c: jsonl_text(c, [{"text": None, "label": "card"}])),
+    Case("jsonl-number-text", "{train}:3: 'text' is a number; expected a string",
+         lambda c: jsonl_text(c, [{"text": 42, "label": "card"}]), cmd="validate"),
+    Case("jsonl-empty-text", "{train}:3: 'text' is empty",
+         lambda c: jsonl_text(c, [{"text": "  ", "label": "card"}])),
+    Case("jsonl-labels-mix-types", "{train}:3: label 1 is a number, but the label at {train}:1 is a string; use one "
+         "type for every label", lambda c: jsonl_text(c, [{"text": "hi", "label": 1}])),
+    Case("csv-empty-text-cell", "{train}:3: column 'text' is empty",
+         lambda c: (banking_csv(c, "text,category"),
+                    c.data_file("train", "empty.csv", "text,category\nmy card,card_arrival\n,exchange_rate\n"))),
+    # -- tracebacks on bad data
+    Case("jsonl-fewer-tags-than-tokens", "{train}:3: 2 tokens but 1 tags; expected one tag per token",
+         lambda c: jsonl_ner(c, {"tokens": ["a", "b"], "tags": ["O"]})),
+    Case("jsonl-integer-tags", "{train}:3: 'tags' is a list holding non-strings; expected a list of strings",
+         lambda c: jsonl_ner(c, {"tokens": ["a", "b"], "tags": [0, 1]}), cmd="validate"),
+    Case("jsonl-tokens-as-a-string", "{train}:3: 'tokens' is a string; expected a list of strings",
+         lambda c: jsonl_ner(c, {"tokens": "a b", "tags": ["O", "O"]})),
+    Case("jsonl-empty-token", "{train}:3: token 2 is empty; every token must be a word",
+         lambda c: jsonl_ner(c, {"tokens": ["a", ""], "tags": ["O", "O"]})),
+    Case("csv-stray-quote", "{train}:3: not valid CSV: ',' expected after '\"'",
+         lambda c: (banking_csv(c, "text,category"),
+                    c.data_file("train", "quote.csv", "text,category\nmy card,card_arrival\n\"the\" rate,exchange_rate\n")), cmd="validate"),
+    Case("max-length-above-positions", "data.max_length: 4096 is more than the 128 positions of {tiny}; use at most 128",
+         overrides=("data.max_length=4096",)),
+    Case("max-length-above-positions-validate", "data.max_length: 512 is more than the 128 positions",
+         overrides=("data.max_length=512",), cmd="validate"),
+    Case("target-modules-match-nothing",
+         "method.target_modules: ['attn'] matches no module of {tiny}; its linear layers are named: classifier, dense",
+         overrides=("method.target_modules=[attn]",)),
+    Case("target-modules-match-nothing-validate", "method.target_modules: ['attn'] matches no module of {tiny}",
+         overrides=("method.target_modules=[attn]",), cmd="validate"),
+    # -- backbone folders that cannot work
+    Case("backbone-without-tokenizer", "backbone.name: {copy} has no tokenizer files (one of tokenizer.json, vocab.txt",
+         lambda c: backbone_copy(c, "no-tokenizer", lambda f: [(f / n).unlink() for n in ("tokenizer.json",
+                                                                                       "tokenizer_config.json")])),
+    Case("backbone-truncated-safetensors", "backbone.name: {copy}/model.safetensors is not a complete safetensors file (",
+         lambda c: backbone_copy(c, "truncated", lambda f: truncate(f / "model.safetensors", -1000))),
+    Case("backbone-pickle-named-safetensors", "backbone.name: {copy}/model.safetensors is not a complete safetensors file",
+         lambda c: backbone_copy(c, "disguised", pickle_as_safetensors), cmd="validate"),
+    Case("backbone-invalid-config-json", "backbone.name: {copy}/config.json is not valid JSON (",
+         lambda c: backbone_copy(c, "bad-config", lambda f: (f / "config.json").write_text("{not json"))),
+    # -- output folders: never lose data, never a traceback
+    Case("output-dir-is-a-file", "output.dir: {target_out} is a file, not a folder",
+         lambda c: (output_at(c, c.tmp / "a_file"), (c.tmp / "a_file").write_text("mine")), extra_args=("--overwrite",)),
+    Case("output-dir-under-a-file", "output.dir: {tmp}/a_file is a file, so {target_out} cannot be a folder under it",
+         lambda c: (output_at(c, c.tmp / "a_file" / "run"), (c.tmp / "a_file").write_text("mine")),
+         extra_args=("--overwrite",)),
+    Case("output-dir-is-a-symlink", "output.dir: {target_out} is a symbolic link; give the folder itself",
+         lambda c: ((c.tmp / "real").mkdir(), (c.tmp / "link").symlink_to(c.tmp / "real"), output_at(c, c.tmp / "link"))),
+    Case("output-dir-holds-the-data", "output.dir: {target_out} holds the data file data.train {train}",
+         lambda c: output_at(c, Path(c.values["train"]).parent), extra_args=("--overwrite",)),
+    Case("output-dir-holds-the-recipe", "output.dir: {tmp} holds the recipe {recipe}",
+         lambda c: output_at(c, c.tmp), extra_args=("--overwrite",)),
+    Case("overwrite-a-folder-peftlab-did-not-make", "output.dir: {target_out} was not made by peftlab",
+         lambda c: (output_at(c, c.tmp / "mine"), (c.tmp / "mine").mkdir(), (c.tmp / "mine" / "x.txt").write_text("x")),
+         extra_args=("--overwrite",)),
+    # -- the other commands' inputs
+    Case("bench-spec-not-utf8", "{recipe}: not UTF-8 text (byte 9); a benchmark spec must be UTF-8 YAML",
+         lambda c: setattr(c, "raw", "name: caf\xe9\n".encode("latin-1")), cmd="bench"),
+    Case("bench-spec-duplicate-key", "{recipe}:2: duplicate key 'name' (first at line 1)",
+         lambda c: setattr(c, "raw", b"name: a\nname: b\n"), cmd="bench"),
+    Case("bench-spec-bad-override", "{recipe}: methods: 'lora': override 'train.epoch=1': unknown key 'train.epoch' "
+         "(did you mean 'train.epochs'?)", lambda c: bench_spec(c, "train.epoch=1"), cmd="bench"),
+    Case("report-binary-results", "{recipe}:1: not UTF-8 text; expected the JSON lines peftlab bench writes",
+         lambda c: setattr(c, "raw", b"\x89PNG\r\n\x1a\n\xff\xfe"), cmd="report"),
+    Case("report-junk-line", "{recipe}:2: not a JSON record (",
+         lambda c: setattr(c, "raw", b'{"cell": "a-s1", "status": "ok"}\nnot json\n'), cmd="report"),
+    Case("report-on-a-folder", "{tmp}: is a folder; expected a results file (results.jsonl)",
+         lambda c: setattr(c, "target", str(c.tmp)), cmd="report"),
     Case("unknown-command-line-flag", "command line: unrecognized arguments: --resum (see `peftlab --help`)",
          extra_args=("--resum",)),
 ]
@@ -169,13 +311,13 @@ def test_bad_input_exit_2_one_line_nothing_written(case, tmp_path, tiny_bert, pi
     ctx = Ctx(tmp=tmp_path, text=RECIPE.format(**values), values=values)
     case.edit(ctx)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(ctx.text, encoding="utf-8")
+    recipe.write_bytes(ctx.raw if ctx.raw is not None else ctx.text.encode("utf-8"))
     env = dict(ctx.env)
     if env:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SHIM), os.environ.get("PYTHONPATH")]))
     before = sorted(p.name for p in tmp_path.iterdir())
 
-    res = run_cli(case.cmd, str(recipe), *case.overrides, *case.extra_args, env=env, timeout=300)
+    res = run_cli(case.cmd, ctx.target or str(recipe), *case.overrides, *case.extra_args, env=env, timeout=300)
 
     expected = case.expected.format(recipe=recipe, **{k: v for k, v in ctx.values.items()})
     lines = res.stderr.strip().splitlines()

@@ -247,7 +247,7 @@ def test_resume_from_every_checkpoint_with_grad_accum_and_mid_epoch_evals(tiny_b
 
 def test_resume_refusals(tiny_bert, wnut_small, tmp_path):
     recipe = ner_recipe(tiny_bert, wnut_small, tmp_path / "empty", LORA, num_threads=1)
-    with pytest.raises(PeftlabError, match=r"--resume: no complete checkpoint in .*empty/checkpoints .*--overwrite"):
+    with pytest.raises(PeftlabError, match=r"--resume: no complete checkpoint in .*empty/checkpoints .*run without --resume to start again"):
         peftlab.train(recipe, resume=True)
     with pytest.raises(PeftlabError, match="--resume and --overwrite exclude each other"):
         peftlab.train(recipe, resume=True, overwrite=True)

@@ -157,3 +157,14 @@ def test_a_run_folder_with_pickle_weights_is_refused(tiny_bert, wnut_small, tmp_
     with pytest.raises(PeftlabError, match=r"model: holds pickle weights \(adapter_model.bin\); pickle can run code"):
         load_run(run)
     assert not (tmp_path / "PICKLE_WAS_LOADED").exists()
+
+
+def test_recipes_and_specs_are_read_with_a_safe_loader():
+    import yaml
+
+    from peftlab.validation import _UniqueKeyLoader
+
+    assert issubclass(_UniqueKeyLoader, yaml.SafeLoader)
+    with pytest.raises(yaml.YAMLError):  # a Python object tag is refused, as by safe_load
+        loader = _UniqueKeyLoader("!!python/object/apply:os.system ['true']")
+        loader.get_single_data()

@@ -170,7 +170,7 @@ def plan_bench(
                     backbone=axes.get("backbone.name"), quantization=axes.get("backbone.quantization", "none"),
                     method=(entry.method or {}).get("name"),
                 )
-                _resolve_cell(cell)
+                _resolve_cell(cell, f"{spec_path}: methods: '{entry.name}'")
                 cells.append(cell)
     if not cells:
         raise PeftlabError(f"{spec_path}: the spec (profile {'quick' if quick else 'full'}) has no cells")
@@ -188,8 +188,10 @@ def plan_bench(
     return BenchPlan(spec, spec_path, "quick" if quick else "full", name, spec_hash, cells, results, work, command)
 
 
-def _resolve_cell(cell: Cell) -> None:
-    """Read the cell's recipe and overrides (no method validation: the child does that) and hash them."""
+def _resolve_cell(cell: Cell, where: str) -> None:
+    """Read the cell's recipe and overrides (no method validation: the child does that) and hash them.
+    A bad override is the spec's error (``where`` names the configuration); a missing recipe is the
+    cell's problem, recorded as a failed cell."""
     try:
         if cell.script is not None and not Path(cell.script).is_file():
             raise PeftlabError(f"{cell.script}: baseline script not found (paths are relative to the current folder)")
@@ -197,11 +199,14 @@ def _resolve_cell(cell: Cell) -> None:
         if not path.is_file():
             raise PeftlabError(f"{path}: recipe file not found (paths are relative to the current folder)")
         data, _text = read_yaml(path)
-        data = apply_overrides(copy.deepcopy(data), [o for o in cell.overrides])
     except PeftlabError as exc:
         cell.problem = str(exc)
         cell.recipe_hash = _hash({"problem": cell.problem, "overrides": cell.overrides})
         return
+    try:
+        data = apply_overrides(copy.deepcopy(data), list(cell.overrides))
+    except PeftlabError as exc:
+        raise PeftlabError(f"{where}: {str(exc).removeprefix('command line: ')}") from None
     hashed = {k: v for k, v in data.items() if k not in ("description", "output")}
     if cell.script is not None:
         hashed["__script__"] = {"path": cell.script, "sha": _file_hash(Path(cell.script))}

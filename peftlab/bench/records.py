@@ -51,10 +51,33 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def load_records(path: Union[str, os.PathLike]) -> list[dict]:
+    """Every record of a results file for ``peftlab report``: a line that is not one is an error
+    (the bench writes the file atomically, so a bad line is not an interrupted write)."""
     path = Path(path)
+    if path.is_dir():
+        raise PeftlabError(f"{path}: is a folder; expected a results file (results.jsonl)")
     if not path.is_file():
         raise PeftlabError(f"{path}: results file not found")
-    return read_records(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PeftlabError(f"{path}:{line}: not UTF-8 text; expected the JSON lines peftlab bench writes") from None
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PeftlabError(f"{path}:{i}: not a JSON record ({exc.msg})") from None
+        if not isinstance(rec, dict) or "cell" not in rec:
+            raise PeftlabError(f"{path}:{i}: not a bench record (a JSON object with a 'cell' key)")
+        records.append(rec)
+    if not records:
+        raise PeftlabError(f"{path}: holds no records")
+    return records
 
 
 def last_error_line(text: str) -> str:

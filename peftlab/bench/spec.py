@@ -10,11 +10,10 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import PeftlabError
-from ..validation import format_validation_error
+from ..validation import format_validation_error, read_yaml_file
 
 
 class _Strict(BaseModel):
@@ -86,15 +85,7 @@ class Spec(_Strict):
 
 def load_spec(path: Union[str, os.PathLike]) -> Spec:
     path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"{path}: benchmark spec not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise PeftlabError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    data, text = read_yaml_file(path, "benchmark spec")
     if not isinstance(data, dict):
         raise PeftlabError(f"{path}: a benchmark spec must be a YAML mapping")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..atomicio import atomic_dir, write_json, write_text
+from ..outputs import mark
 from ..backbones import resolve_backbone
 from ..errors import PeftlabError, VerificationError
 from ..runs import MODEL_DIR, load_run
@@ -71,6 +72,7 @@ def export(
             "peftlab_version": __version__,
         }
         write_json(tmp / EXPORT_FILE, info)
+        mark(tmp, "export")
         log.info(f"export: verifying the package on {len(rows)} validation example(s)")
         package = load_run(tmp, device=device)
         if not is_bnb_model(package.model):

@@ -18,10 +18,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .._version import __version__
-from ..atomicio import atomic_dir, write_json, write_text
+from ..atomicio import atomic_dir, remove_stale_temporaries, write_json, write_text
 from ..backbones import auto_class, load_model, resolve_backbone
 from ..errors import PeftlabError, VerificationError
 from ..methods import MethodContext, build_method
+from ..outputs import check_output, mark
 from ..recipe import load_recipe
 from ..runs import MODEL_DIR, load_run, strip_wrapper_prefix
 from ..util import BNB_PARAMETER_TYPES, default_device, is_bnb_model, read_json_or_none
@@ -40,11 +41,13 @@ MERGE_FORMAT = "peftlab-merge/1"
 
 
 def check_out(out: Path, overwrite: bool, sources: Sequence[Path]) -> None:
+    """``--out`` must be outside the run and hold none of it; --overwrite replaces only a folder
+    peftlab made. Leftovers of a killed merge/export into ``out`` are removed first."""
     for src in sources:
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
             raise PeftlabError(f"--out: {out} is inside the run folder {src}; choose another folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PeftlabError(f"--out: {out} already holds files; pass --overwrite to replace it")
+    check_output(out, "--out", overwrite, [(src, "the run folder") for src in sources])
+    remove_stale_temporaries(out.parent, name=out.name)
 
 
 def recipe_and_method(run_dir: Path):
@@ -279,6 +282,7 @@ def merge(
                 f"(thresholds of a '{kind}' merge; --atol / --min-agreement change them)"
             )
         write_json(tmp / VERIFY_FILE, report)
+        mark(tmp, "merge")
         write_json(tmp / MERGE_FILE, {"format": MERGE_FORMAT, "task": run.task.name, "method": method.name,
                                       "source_run": str(run_dir.resolve()), "recipe": recipe.to_dict(),
                                       "peftlab_version": __version__})

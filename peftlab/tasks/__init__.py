@@ -57,8 +57,18 @@ class Task:
 
     # -- training ---------------------------------------------------------------------------------
     def training_loss(self, model: Any, batch: dict) -> torch.Tensor:
-        """The loss the trainer minimises for one batch (default: the model's own loss)."""
+        """The mean loss over the batch's items (default: the model's own loss)."""
         return model(**batch_to_model_inputs(batch)).loss
+
+    def count_items(self, batch: dict) -> int:
+        """How many loss terms the batch holds (its labels other than -100: tokens for tagging,
+        examples for classification). The trainer weighs every item of an optimizer step alike."""
+        return int((batch["labels"] != -100).sum())
+
+    def loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
+        """The sum of the batch's per-item losses: the trainer divides it by the items of the whole
+        optimizer step (every micro-batch of the accumulation, every process)."""
+        return self.training_loss(model, batch) * self.count_items(batch)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: "EncodedSplit") -> dict:

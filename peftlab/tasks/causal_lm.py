@@ -364,6 +364,13 @@ class CausalLM(Task):
         logits, targets, _rows = completion_logits(model, batch)
         return F.cross_entropy(logits.float(), targets)
 
+    def count_items(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())  # the completion tokens predicted
+
+    def loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
+        logits, targets, _rows = completion_logits(model, batch)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
     # -- generation -------------------------------------------------------------------------------
     def generation_config(self, model: Any, tokenizer: Any, max_new_tokens: Optional[int] = None) -> Any:
         from transformers import GenerationConfig

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import f1_score
 from transformers import DataCollatorWithPadding
 
-from ..data import load_splits
+from ..data import check_labels, check_text_rows, load_splits
 from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
 
 
@@ -27,6 +27,9 @@ class SequenceClassification(Task):
     def load_splits(self):
         splits = load_splits(self.data_cfg, self.columns, kind="text")
         label_col = self.data_cfg.label_column
+        every = splits.train + splits.validation + (splits.test or [])
+        check_text_rows(every, [self.data_cfg.text_column])
+        check_labels(every, label_col)
         for ex in splits.train:
             ex[label_col] = str(ex[label_col])
         self.set_labels(sorted({ex[label_col] for ex in splits.train}))

@@ -13,7 +13,7 @@ import torch
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from transformers import DataCollatorForTokenClassification
 
-from ..data import load_splits
+from ..data import check_token_rows, load_splits
 from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
 
 
@@ -44,6 +44,7 @@ class TokenClassification(Task):
     def load_splits(self):
         splits = load_splits(self.data_cfg, self.columns, kind="tokens")
         tags_col = self.data_cfg.tags_column
+        check_token_rows(splits.train + splits.validation + (splits.test or []), *self.columns)
         self.set_labels(sort_tags({t for ex in splits.train for t in ex[tags_col]}))
         known = set(self.labels)
         check_known_labels(splits.validation, tags_col, known, "validation", is_list=True)

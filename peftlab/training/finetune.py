@@ -11,10 +11,10 @@ Only rank 0 writes. Every file that marks a result as done is written atomically
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,19 +23,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._version import __version__
-from ..atomicio import remove_stale_temporaries, write_json, write_text
-from ..backbones import load_tokenizer
+from ..backbones import check_max_length, load_tokenizer
 from ..checkpoint import latest_checkpoint, load_latest_checkpoint, prune_checkpoints, restore_rng, rng_tensors, save_checkpoint
 from ..errors import PeftlabError, TrainingError
 from ..methods import load_trainable_state
+from ..outputs import FolderLock
 from ..recipe import Recipe
 from ..runs import (BEST_DIR, CHECKPOINTS_DIR, RunLog, build_model, parameter_report, read_best, write_best,
-                    write_failure, write_results)
+                    write_error_reason, write_failure, write_results)
 from ..system import current_rss_bytes, peak_rss_bytes, set_mmap_threshold
 from ..tasks import LengthGroupedEpochSampler, get_task_class
 from ..util import scalar_items
-from .launch import check_process_group, check_same_recipe, make_accelerator, prepare_run_dir, set_threads, tracker_config
+from .launch import (check_process_group, check_same_recipe, claim_run_dir, make_accelerator, on_main_then_all,
+                     prepare_run_dir, run_sources, set_threads, tracker_config)
 from .optim import make_optimizer, make_scheduler
+from .progress import LossMeter, ProgressBar
 from .state import TrainState
 
 log = logging.getLogger("peftlab")
@@ -54,7 +56,8 @@ class FineTuneRecipe:
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.state = TrainState()
         self.run_log = RunLog()
-        self.bar: Any = None
+        self.lock = FolderLock(self.run_dir, "output.dir")
+        self.bar = ProgressBar()
         self.pending_rng: Optional[dict] = None
         self.wall_start = time.perf_counter()
 
@@ -66,8 +69,9 @@ class FineTuneRecipe:
             self.train()
             return self.finish()
         finally:
-            self.close_bar()
+            self.bar.close()
             self.run_log.close()
+            self.lock.release()
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -77,7 +81,8 @@ class FineTuneRecipe:
         check_process_group(self.accelerator)
         self.threads = set_threads(self.accelerator, self.cfg.num_threads)
         mmap_note = self._memory_settings()
-        prepare_run_dir(self.run_dir, self.resuming, self.overwrite)
+        on_main_then_all(self.accelerator, self.lock.probe)  # another run writing there: say so before loading anything
+        prepare_run_dir(self.run_dir, self.resuming, self.overwrite, run_sources(self.recipe))
         if self.resuming:
             check_same_recipe(self.run_dir, self.recipe)
         from accelerate.utils import set_seed
@@ -103,6 +108,7 @@ class FineTuneRecipe:
         self.mode = task.metric_mode(self.metric)
         self.splits = task.load_splits()
         self.tokenizer = load_tokenizer(self.recipe.backbone)
+        check_max_length(self.recipe.backbone, self.recipe.data.max_length)
         self.encoded = {"train": task.encode(self.splits.train, self.tokenizer, "train")}
         self.encoded["validation"] = task.encode(self.splits.validation, self.tokenizer, "validation")
         if self.splits.test is not None:
@@ -119,17 +125,15 @@ class FineTuneRecipe:
         self.load_rss, self.load_peak = current_rss_bytes(), peak_rss_bytes()
 
     def _create_run_dir(self) -> None:
-        if self.main:
-            if self.overwrite and self.run_dir.exists():
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.run_dir)
-            remove_stale_temporaries(self.ckpt_dir)
-            if not self.resuming:
-                write_text(self.run_dir / "recipe.yaml",
-                           f"# resolved recipe (source: {self.recipe.source})\n" + self.recipe.to_yaml())
-                write_json(self.run_dir / "labels.json", self.task.labels)
-            self.run_log.open(self.run_dir / "train.log")
+        """Rank 0 takes the folder's lock, checks it again under the lock (another run may have
+        written meanwhile), clears what --overwrite replaces and writes the run's first files; an
+        error there is raised on every rank."""
+        def claim() -> None:
+            if claim_run_dir(self.run_dir, self.recipe, self.task.labels, self.lock, self.run_log,
+                             resuming=self.resuming, overwrite=self.overwrite):
+                log.info("output.dir: %s held a run that stopped before its first checkpoint; replaced", self.run_dir)
+
+        on_main_then_all(self.accelerator, claim)
         self.accelerator.wait_for_everyone()
 
     def _log_start(self, mmap_note: Optional[str]) -> None:
@@ -216,9 +220,9 @@ class FineTuneRecipe:
     # ------------------------------------------------------------------------------------ train
     def train(self) -> None:
         """Every epoch to the end of the schedule (or early stopping), then a last evaluation."""
-        self.open_bar()
+        self.bar.open(self.main, self.total_steps, self.state.step)
         self.model.train()
-        self._start_loss_interval()
+        self.loss = LossMeter(self.accelerator, getattr(self, "loss_pending", None))
         stop = self.state.step >= self.total_steps
         for epoch in range(self.state.epoch, self.n_epochs):
             if stop:
@@ -226,7 +230,7 @@ class FineTuneRecipe:
             stop = self.train_epoch(epoch)
         if not self.state.history or self.state.history[-1]["step"] != self.state.step:
             self.evaluate()  # max_steps or eval_steps ended the run between evaluations
-        self.close_bar()
+        self.bar.close()
 
     def train_epoch(self, epoch: int) -> bool:
         """One epoch (from where a resumed run stopped); returns True when training should stop."""
@@ -239,36 +243,62 @@ class FineTuneRecipe:
             restore_rng(self.pending_rng, acc)
             self.pending_rng = None
         self._t_batch = time.perf_counter()
-        for batch in batches:
-            stop = self.step(batch)
-            self._t_batch = time.perf_counter()  # evaluation and checkpoints are not training time
-            if stop:
-                return True
+        for window in self._windows(batches):
+            items = self._global_items(window)
+            for i, batch in enumerate(window):
+                stop = self.step(batch, items, last=i == len(window) - 1)
+                self._t_batch = time.perf_counter()  # evaluation and checkpoints are not training time
+                if stop:
+                    return True
         stop = self.evaluate() if self.cfg.eval_steps is None else False  # the epoch ran to its end
         s.epoch, s.batches_done = epoch + 1, 0
         if not stop:
             self.save_checkpoint()
         return stop
 
-    def step(self, batch: dict) -> bool:
-        """One micro-batch (an optimizer step at the end of an accumulation); True: stop training."""
+    def _windows(self, batches: Any) -> Any:
+        """The epoch's batches in accumulation windows of train.grad_accum (the last may be shorter)."""
+        window: list = []
+        for batch in batches:
+            window.append(batch)
+            if len(window) == self.cfg.grad_accum:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    def _global_items(self, window: list) -> torch.Tensor:
+        """Loss items (target tokens, examples) in the window on every process together."""
+        items = torch.tensor(float(sum(self.task.count_items(b) for b in window)), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            items = self.accelerator.reduce(items, "sum")
+        return items.clamp(min=1)
+
+    def step(self, batch: dict, items: torch.Tensor, last: bool) -> bool:
+        """One micro-batch; an optimizer step after the ``last`` of its window. True: stop training.
+
+        The loss is the sum over the batch's items divided by the items of the whole window on every
+        process (times the process count, which DDP's gradient mean divides by again), so a short
+        batch weighs what its tokens weigh, as in one big batch of the same examples."""
         s, acc, cfg = self.state, self.accelerator, self.cfg
-        with acc.accumulate(self.model):
-            loss = self.task.training_loss(self.model, batch)
+        with contextlib.nullcontext() if last else acc.no_sync(self.model):
+            loss_sum = self.task.loss_sum(self.model, batch)
+            loss = loss_sum * acc.num_processes / items
             self._check_loss(loss)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm:
+        if last:
+            if cfg.max_grad_norm:
                 acc.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         s.batches_done += 1
-        self._count(batch, loss)
+        self._count(batch, loss_sum)
         s.train_time += time.perf_counter() - self._t_batch  # from the end of the last step: loading included
-        if not acc.sync_gradients:
+        if not last:
             return False
         self.scheduler.step()
         s.step += 1
-        self.bar_update()
+        self.bar.update()
         if s.step % cfg.log_every == 0 or s.step == self.total_steps:
             self._log_loss()
         stop = bool(cfg.eval_steps and s.step % cfg.eval_steps == 0) and self.evaluate()
@@ -290,36 +320,22 @@ class FineTuneRecipe:
                        f"stopped. Last good checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none yet'}. "
                        f"Lower train.lr or check the data")
 
-    def _count(self, batch: dict, loss: torch.Tensor) -> None:
-        self.loss_acc += loss.detach()
-        self.loss_count += 1
+    def _count(self, batch: dict, loss_sum: torch.Tensor) -> None:
+        self.loss.add(loss_sum, self.task.count_items(batch))
         n = self.accelerator.num_processes
         self.state.samples += int(batch["input_ids"].shape[0]) * n
         mask = batch.get("attention_mask")
         self.state.tokens += (int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())) * n
 
-    def _start_loss_interval(self) -> None:
-        self.loss_acc = torch.zeros((), device=self.accelerator.device)
-        self.loss_count = 0
-        pending = getattr(self, "loss_pending", None)  # resumed: this rank's loss of the interrupted interval
-        if pending:
-            if isinstance(pending[0], list):  # one [sum, count] per rank
-                pending = pending[self.accelerator.process_index]
-            self.loss_acc += pending[0]
-            self.loss_count = int(pending[1])
-
     def _log_loss(self) -> None:
         s, acc = self.state, self.accelerator
-        mean_loss = float(acc.reduce(self.loss_acc / max(self.loss_count, 1), "mean"))
+        mean_loss = self.loss.mean()  # over every target item since the last log line, every rank
         lr = self.scheduler.get_last_lr()[0]
         acc.log({"train/loss": mean_loss, "train/lr": lr}, step=s.step)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        log.log(logging.DEBUG if self.bar is not None else logging.INFO,
+        self.bar.update(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        log.log(logging.DEBUG if self.bar.shown else logging.INFO,
                 "step %d/%d: loss %.4f, lr %.3e", s.step, self.total_steps, mean_loss, lr)
         s.loss_log.append([s.step, round(mean_loss, 6)])
-        self.loss_acc.zero_()
-        self.loss_count = 0
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self) -> bool:
@@ -357,9 +373,7 @@ class FineTuneRecipe:
         self._check_finite("checkpoint")
         acc, s = self.accelerator, self.state
         rng = rng_tensors(acc)
-        # every rank's running loss of the current log interval (the logged mean is over all ranks)
-        pending = torch.tensor([[float(self.loss_acc), float(self.loss_count)]], dtype=torch.float64, device=acc.device)
-        pending = acc.gather(pending).cpu().tolist()
+        pending = self.loss.pending()  # every rank's loss of the open log interval
         if self.main:
             folder = self.ckpt_dir / f"step-{s.step:06d}"
             extra = {"scheduler": self.scheduler.state_dict(), "loss_pending": pending}
@@ -373,8 +387,10 @@ class FineTuneRecipe:
         """Run ``write``; a full disk or a permission error stops training naming the last good checkpoint."""
         try:
             write()
-        except OSError as exc:  # the previous checkpoint is intact
-            self.close_bar()
+        except Exception as exc:  # noqa: BLE001 - a failed write (the previous checkpoint is intact)
+            if write_error_reason(exc) is None:
+                raise
+            self.bar.close()
             raise write_failure(exc, target, f"training stopped at step {self.state.step}", self.ckpt_dir,
                                 self.run_log) from None
 
@@ -388,7 +404,7 @@ class FineTuneRecipe:
                        f"{latest_checkpoint(self.ckpt_dir) or 'none yet'}. Lower train.lr or check the data")
 
     def _stop(self, message: str) -> None:
-        self.close_bar()  # the error is the last line the user sees
+        self.bar.close()  # the error is the last line the user sees
         self.run_log.record_failure(message)
         raise TrainingError(message)
 
@@ -465,20 +481,3 @@ class FineTuneRecipe:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.method.trainable_parameters(self.unwrapped()).items()}
-
-    def open_bar(self) -> None:
-        """A progress bar on a terminal; where stderr is a file, the loss lines are the progress."""
-        if self.main and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=2.0)
-
-    def bar_update(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

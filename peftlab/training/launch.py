@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
+from ..atomicio import remove_stale_temporaries, write_json, write_text
 from ..checkpoint import latest_checkpoint
 from ..errors import PeftlabError, TrainingError
+from ..outputs import RUN_HEADER, FolderLock, check_output, clear, made_by_peftlab, mark
 from ..recipe import Recipe
-from ..runs import CHECKPOINTS_DIR
+from ..runs import CHECKPOINTS_DIR, RunLog, write_error_reason, write_failure
 from ..system import cpu_cores
 
 
@@ -24,8 +26,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
         recipe.train.trackers == "auto" and _has_tensorboard()
     ):
         trackers = "tensorboard"
-    return Accelerator(
-        gradient_accumulation_steps=recipe.train.grad_accum,
+    return Accelerator(  # gradient accumulation is the recipe class's (token-weighted over the window)
         mixed_precision=recipe.train.mixed_precision,
         log_with=trackers,
         project_dir=str(run_dir / "logs"),
@@ -65,8 +66,29 @@ def set_threads(accelerator: Any, num_threads: Optional[int]) -> int:
     return n
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a folder that already holds files, unless resuming or overwriting."""
+def run_sources(recipe: Recipe) -> list[tuple[Path, str]]:
+    """What a run reads from disk, which its output folder must never hold (--overwrite would delete it)."""
+    sources = [(Path(recipe.source), "the recipe")] if Path(recipe.source).is_file() else []
+    if recipe.data.hub is None:
+        for key in ("train", "validation", "test"):
+            value = getattr(recipe.data, key)
+            if value and Path(value).expanduser().exists():
+                sources.append((Path(value).expanduser(), f"the data file data.{key}"))
+    if Path(recipe.backbone.name).expanduser().is_dir():
+        sources.append((Path(recipe.backbone.name).expanduser(), "the backbone"))
+    return sources
+
+
+def _stopped_before_first_checkpoint(run_dir: Path) -> bool:
+    """A run folder of peftlab's with no results and no checkpoint: nothing in it to resume or keep."""
+    return (run_dir.is_dir() and made_by_peftlab(run_dir) and not (run_dir / "metrics.json").exists()
+            and latest_checkpoint(run_dir / CHECKPOINTS_DIR) is None)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, sources: Sequence[tuple[Path, str]] = ()) -> bool:
+    """Refuse an output folder that holds files, unless resuming or overwriting one peftlab made, and
+    any that holds what the run reads. True: the folder holds a run that stopped before its first
+    checkpoint, which a new run replaces without --overwrite."""
     if resume and overwrite:
         raise PeftlabError("command line: --resume and --overwrite exclude each other")
     if resume:
@@ -78,14 +100,55 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if latest_checkpoint(run_dir / CHECKPOINTS_DIR) is None:
             raise PeftlabError(
                 f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR} (the run stopped before its "
-                f"first one; set train.checkpoint_every to save more often); pass --overwrite to start again"
+                f"first one; set train.checkpoint_every to save more often); run without --resume to start again"
             )
-        return
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
-        raise PeftlabError(
-            f"output.dir: {run_dir} already holds files; pass --resume to continue that run or "
-            f"--overwrite to replace it"
-        )
+        return False
+    failed = _stopped_before_first_checkpoint(run_dir)
+    check_output(run_dir, "output.dir", overwrite or failed, sources,
+                 hint="pass --resume to continue that run or --overwrite to replace it")
+    return failed and not overwrite
+
+
+def claim_run_dir(run_dir: Path, recipe: Recipe, labels: list, lock: FolderLock, run_log: RunLog, *,
+                  resuming: bool, overwrite: bool) -> bool:
+    """Rank 0, after every input was checked: take the folder's lock, check the folder again under it
+    (another run may have written meanwhile), clear what is replaced, write the run's first files.
+    True: it replaced a run that stopped before its first checkpoint. A failed write is one line."""
+    ckpt_dir = run_dir / CHECKPOINTS_DIR
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        replace = prepare_run_dir(run_dir, resuming, overwrite, run_sources(recipe))
+        if replace or overwrite:
+            clear(run_dir)
+        remove_stale_temporaries(run_dir)
+        remove_stale_temporaries(ckpt_dir)
+        if not resuming:
+            mark(run_dir, "run")
+            write_text(run_dir / "recipe.yaml", f"{RUN_HEADER} {recipe.source})\n" + recipe.to_yaml())
+            write_json(run_dir / "labels.json", labels)
+        run_log.open(run_dir / "train.log")
+    except Exception as exc:  # noqa: BLE001 - a failed write becomes the one-line error
+        if write_error_reason(exc) is None:
+            raise
+        raise write_failure(exc, run_dir, "the run folder could not be written", ckpt_dir, run_log) from None
+    return replace
+
+
+def on_main_then_all(accelerator: Any, fn: Any) -> None:
+    """Run ``fn`` on rank 0; a PeftlabError it raises is raised on every rank (not a hang)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except PeftlabError as exc:
+            error = (str(exc), exc.exit_code)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise (TrainingError if error[1] == TrainingError.exit_code else PeftlabError)(error[0])
 
 
 def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:

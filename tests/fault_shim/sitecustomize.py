@@ -11,6 +11,8 @@ with these faults (nothing in peftlab knows about them):
   holds trainable.safetensors and optimizer.safetensors but not yet rng/state), sleep: the test
   kills the process in the middle of the write.
 * ``PEFTLAB_TEST_FAULT=inf_loss_at:N``: the N-th training batch returns an infinite loss.
+* ``PEFTLAB_TEST_FAULT=dump_grads:PATH``: at the first optimizer step every trainable gradient is
+  written to ``PATH.rank<R>.safetensors`` and the process ends.
 
 Each pause first creates the file named by ``PEFTLAB_TEST_MARKER`` (when set), so the test knows
 the process has reached the fault.
@@ -36,7 +38,7 @@ def _pause() -> None:
 
 def _install(fault: str) -> None:
     kind, _, arg = fault.partition(":")
-    n = int(arg)
+    n = int(arg) if arg.isdigit() else 0
     import peftlab.checkpoint as checkpoint
     import peftlab.training.finetune as trainer
 
@@ -69,8 +71,8 @@ def _install(fault: str) -> None:
             cls = original_get_task_class(name)
 
             class Faulty(cls):  # type: ignore[misc, valid-type]
-                def training_loss(self, model, batch):
-                    loss = super().training_loss(model, batch)
+                def loss_sum(self, model, batch):
+                    loss = super().loss_sum(model, batch)
                     calls["n"] += 1
                     return loss + float("inf") if calls["n"] == n else loss
 
@@ -78,8 +80,31 @@ def _install(fault: str) -> None:
             return Faulty
 
         trainer.get_task_class = get_task_class
+    elif kind == "dump_grads":
+        _dump_grads_at_first_step(trainer, arg)
     else:
         raise ValueError(f"PEFTLAB_TEST_FAULT: unknown fault {fault!r}")
+
+
+def _dump_grads_at_first_step(trainer, path: str) -> None:
+    """At the first optimizer step (after the accumulation, DDP's all-reduce and any clipping), write
+    every trainable gradient to PATH.rank<R>.safetensors and end the process."""
+    original = trainer.make_optimizer
+
+    def make_optimizer(model, trainable, *args, **kwargs):
+        optimizer = original(model, trainable, *args, **kwargs)
+
+        def step(*a, **k):
+            from safetensors.torch import save_file
+
+            grads = {n: p.grad.detach().clone().contiguous() for n, p in trainable.items() if p.grad is not None}
+            save_file(grads, f"{path}.rank{os.environ.get('RANK', '0')}.safetensors")
+            os._exit(0)
+
+        optimizer.step = step
+        return optimizer
+
+    trainer.make_optimizer = make_optimizer
 
 
 if os.environ.get("PEFTLAB_TEST_FAULT"):
