@@ -126,3 +126,22 @@ def test_hub_source_converts_class_labels(monkeypatch):
     s = load_splits(cfg, ["tokens", "ner_tags"], "tokens")
     assert s.train[0]["ner_tags"] == ["O", "B-x"] and s.train[1]["ner_tags"] == ["I-x"]
     assert calls == [("wnut_17", None, "train"), ("wnut_17", None, "validation")]
+
+
+def test_conll_empty_token_lines_are_skipped_with_one_note(tmp_path):
+    """Corpora in the wild (the Broad Twitter Corpus) hold `<TAB>O` lines: no word, so no token."""
+    p = tmp_path / "btc.conll"
+    p.write_text("Hi\tO\n\tO\nJo\tB-person\n\n\tO\nok\tO\n", encoding="utf-8")
+    notes: list[str] = []
+    sents = read_conll(p, "train", notes)
+    assert [s["tokens"] for s in sents] == [["Hi", "Jo"], ["ok"]]
+    assert [s["tags"] for s in sents] == [["O", "B-person"], ["O"]]
+    assert notes == [f"{p}:2: skipped 2 line(s) whose token is empty (a tag with no word)"]
+
+
+def test_a_csv_cell_longer_than_csv_default_limit_is_data(tmp_path):
+    p = tmp_path / "long.csv"
+    long_text = "word " * 40_000  # 200 KB, over the csv module's default 128 KiB field limit
+    p.write_text(f"text,label\n\"{long_text}\",a\nshort,b\n", encoding="utf-8")
+    rows = read_table(p, ",", ["text", "label"], "train")
+    assert [len(r["text"]) for r in rows] == [len(long_text), 5]

@@ -130,3 +130,14 @@ def test_schema_prints_every_key():
         assert key in text
     res = run_cli("schema")
     assert res.returncode == 0 and "warmup_ratio" in res.stdout
+
+
+def test_overrides_may_follow_flags():
+    from peftlab.cli import parse_args
+
+    args = parse_args(["train", "r.yaml", "--overwrite", "train.epochs=1", "method.r=4"])
+    assert args.overwrite and args.overrides == ["train.epochs=1", "method.r=4"]
+    args = parse_args(["train", "r.yaml", "train.epochs=1", "--resume", "train.lr=0.1"])
+    assert args.resume and args.overrides == ["train.epochs=1", "train.lr=0.1"]
+    with pytest.raises(PeftlabError, match="unrecognized arguments: --nope"):
+        parse_args(["train", "r.yaml", "--overwrite", "--nope"])

@@ -11,6 +11,8 @@ with these faults (nothing in peftlab knows about them):
   holds trainable.safetensors and optimizer.safetensors but not yet rng/state), sleep: the test
   kills the process in the middle of the write.
 * ``PEFTLAB_TEST_FAULT=inf_loss_at:N``: the N-th training batch returns an infinite loss.
+* ``PEFTLAB_TEST_FAULT=enospc_at_checkpoint:N``: writing checkpoint step-N fails as safetensors fails
+  on a full disk.
 * ``PEFTLAB_TEST_FAULT=dump_grads:PATH``: at the first optimizer step every trainable gradient is
   written to ``PATH.rank<R>.safetensors`` and the process ends.
 
@@ -80,6 +82,17 @@ def _install(fault: str) -> None:
             return Faulty
 
         trainer.get_task_class = get_task_class
+    elif kind == "enospc_at_checkpoint":
+        original_save_file = checkpoint.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):
+            if os.path.basename(os.path.dirname(str(filename))).startswith(f".tmp-step-{n:06d}."):
+                from safetensors import SafetensorError
+
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return original_save_file(tensors, filename, *args, **kwargs)
+
+        checkpoint.save_file = save_file
     elif kind == "dump_grads":
         _dump_grads_at_first_step(trainer, arg)
     else:
