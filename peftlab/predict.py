@@ -127,10 +127,18 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
     if (path / "config.json").is_file():
         from transformers import AutoConfig, AutoTokenizer
 
-        from .backbones import auto_class
+        from .backbones import auto_class, safetensors_problem
         from .tasks import get_task_class
 
-        config = AutoConfig.from_pretrained(str(path))
+
+        for weights in sorted(path.glob("*.safetensors")):
+            if safetensors_problem(weights):
+                raise PeftlabError(f"{weights}: not a complete safetensors file ({safetensors_problem(weights)})")
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PeftlabError(f"{path / 'config.json'}: cannot read it: {first[:200]}") from None
         task = task_of_config(config, path)
         auto = getattr(get_task_class(task), "auto_model", None) if task != "causal_lm" else "AutoModelForCausalLM"
         try:

@@ -128,6 +128,38 @@ def test_predict_input_errors(ner_merged, tmp_path, capsys):
         load_predictor(tmp_path)
 
 
+def test_predict_bad_arguments_and_damaged_runs_are_one_line(ner_run, ner_merged, tmp_path, capsys):
+    import shutil
+
+    cases = [
+        (["--output", str(tmp_path)], f"--output: {tmp_path} is a folder; expected the path of a file to write"),
+        (["--batch-size", "0", "--top-k", "3"], "--batch-size: expected a positive number"),
+        (["--top-k", "0"], "--top-k: expected a positive number"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["predict", str(ner_merged), "hello", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+    assert not list(tmp_path.iterdir())  # nothing written into the folder given as --output
+
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(ner_merged, bad_config)
+    (bad_config / "config.json").write_text("{not json", encoding="utf-8")
+    damaged = tmp_path / "damaged-run"
+    shutil.copytree(ner_run, damaged)
+    adapter = next((damaged / "model").glob("*.safetensors"))
+    adapter.write_bytes(adapter.read_bytes()[:-200])
+    cut = tmp_path / "cut-merged"
+    shutil.copytree(ner_merged, cut)
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:-200])
+    for folder, message in ((bad_config, f"{bad_config / 'config.json'}: cannot read it: "),
+                            (damaged, f"{adapter}: not a complete safetensors file"),
+                            (cut, f"{cut / 'model.safetensors'}: not a complete safetensors file")):
+        assert cli.main(["predict", str(folder), "hello"]) == 2, folder
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
 def test_classification_predict_run_and_merged(tiny_bert, banking_small, tmp_path, capsys):
     run = tmp_path / "cls"
     peftlab.train(cls_recipe(tiny_bert, banking_small, run, {"name": "lora", "r": 4}, epochs=1, lr=1e-2))
