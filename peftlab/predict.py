@@ -236,9 +236,9 @@ def _is_iob(labels: list[str]) -> bool:
 def tag_spans(tags: list[str], iob: bool = True) -> list[tuple[str, int, int]]:
     """``(type, first word, last word)`` of each entity, read as seqeval reads IOB2 (default mode)."""
     if iob:
-        from seqeval.metrics.sequence_labeling import get_entities
+        from .metrics import get_entities
 
-        return [(t, s, e) for t, s, e in get_entities(list(tags))]
+        return get_entities(list(tags))
     spans: list[tuple[str, int, int]] = []  # plain tags (PER, LOC): runs of the same tag
     for i, tag in enumerate(tags):
         if tag == "O":

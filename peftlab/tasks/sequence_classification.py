@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from sklearn.metrics import f1_score
 from transformers import DataCollatorWithPadding
 
 from ..data import check_labels, check_text_rows, load_splits
+from ..metrics import macro_f1
 from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
 
 
@@ -75,9 +75,7 @@ class SequenceClassification(Task):
         gold = [f["labels"] for f in encoded.features]
         return {
             "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
-            "macro_f1": float(
-                f1_score(gold, pred, average="macro", zero_division=0)
-            ),
+            "macro_f1": macro_f1(gold, pred),
             "loss": mean_loss(loss_sum, loss_n),
             "examples": len(gold),
         }

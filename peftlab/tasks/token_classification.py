@@ -1,4 +1,4 @@
-"""Named-entity recognition / token tagging, scored at entity level with seqeval.
+"""Named-entity recognition / token tagging, scored at entity level as seqeval scores it (peftlab.metrics).
 
 Labels are aligned to the first sub-token of each word (the rest get -100). Scoring is against
 every gold word: a word that got no sub-token (an emoji the tokenizer drops, a truncated tail) is
@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from transformers import DataCollatorForTokenClassification
 
 from ..data import check_token_rows, load_splits
+from ..metrics import entity_scores
 from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
 
 
@@ -123,21 +123,13 @@ class TokenClassification(Task):
 def score_entities(y_true: list[list[str]], y_pred: list[list[str]], loss: float) -> dict:
     n_words = sum(len(t) for t in y_true)
     correct = sum(a == b for t, p in zip(y_true, y_pred) for a, b in zip(t, p))
-    report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
-    per_type = {
-        k: {
-            "precision": round(float(v["precision"]), 6),
-            "recall": round(float(v["recall"]), 6),
-            "f1": round(float(v["f1-score"]), 6),
-            "support": int(v["support"]),
-        }
-        for k, v in report.items()
-        if k not in ("micro avg", "macro avg", "weighted avg")
-    }
+    scores = entity_scores(y_true, y_pred)
+    per_type = {k: {"precision": round(v["precision"], 6), "recall": round(v["recall"], 6),
+                    "f1": round(v["f1"], 6), "support": v["support"]} for k, v in scores["per_type"].items()}
     return {
-        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
-        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "f1": scores["f1"],
+        "precision": scores["precision"],
+        "recall": scores["recall"],
         "accuracy": correct / n_words if n_words else 0.0,
         "loss": loss,
         "per_type": per_type,

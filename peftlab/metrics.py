@@ -1,0 +1,80 @@
+"""Scores computed in peftlab: entity-level precision/recall/F1 as seqeval's default mode computes
+them, and macro-F1 as scikit-learn's ``f1_score(average="macro")``.
+
+Both libraries import scikit-learn, SciPy and pandas, about 150 MiB resident in every training process
+that evaluates; these few lines do the same arithmetic (tests/test_metrics.py checks them against
+seqeval and scikit-learn on random sequences, IOBES and malformed tags included).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Sequence
+
+
+def _split(tag: str) -> tuple[str, str]:
+    """(prefix letter, entity type) as seqeval reads a tag: ``B-PER`` -> (B, PER), ``O`` -> (O, _)."""
+    return tag[0], tag[1:].split("-", maxsplit=1)[-1] or "_"
+
+
+def _ends(prev: str, tag: str, prev_type: str, type_: str) -> bool:
+    return prev in ("E", "S") or (prev in ("B", "I") and tag in ("B", "S", "O")) or (
+        prev not in ("O", ".") and prev_type != type_)
+
+
+def _starts(prev: str, tag: str, prev_type: str, type_: str) -> bool:
+    return tag in ("B", "S") or (prev in ("E", "S", "O") and tag in ("E", "I")) or (
+        tag not in ("O", ".") and prev_type != type_)
+
+
+def get_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """``(type, first, last)`` of each entity in one tag sequence (IOB1/IOB2/IOBES, seqeval's default
+    reading: an ``I-`` after ``O`` or after another type starts an entity)."""
+    prev, prev_type, begin, out = "O", "", 0, []
+    for i, tag in enumerate([*tags, "O"]):
+        letter, type_ = _split(tag)
+        if _ends(prev, letter, prev_type, type_):
+            out.append((prev_type, begin, i - 1))
+        if _starts(prev, letter, prev_type, type_):
+            begin = i
+        prev, prev_type = letter, type_
+    return out
+
+
+def _entities(seqs: Iterable[Sequence[str]]) -> set[tuple[str, int, int]]:
+    """Entities of every sentence, positions offset as if the sentences were joined by ``O``."""
+    found, offset = set(), 0
+    for seq in seqs:
+        found.update((t, s + offset, e + offset) for t, s, e in get_entities(seq))
+        offset += len(seq) + 1
+    return found
+
+
+def _prf(tp: int, n_pred: int, n_true: int) -> tuple[float, float, float]:
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_true if n_true else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def entity_scores(y_true: list[list[str]], y_pred: list[list[str]]) -> dict:
+    """Micro precision/recall/F1 over entities, and per type (with support = gold entities of the
+    type); a score with a zero denominator is 0."""
+    gold, pred = _entities(y_true), _entities(y_pred)
+    hits = gold & pred
+    p, r, f = _prf(len(hits), len(pred), len(gold))
+    n_gold, n_pred, n_hit = (Counter(t for t, _, _ in s) for s in (gold, pred, hits))
+    per_type = {}
+    for t in sorted(set(n_gold) | set(n_pred)):
+        tp, tr, tf = _prf(n_hit[t], n_pred[t], n_gold[t])
+        per_type[t] = {"precision": tp, "recall": tr, "f1": tf, "support": n_gold[t]}
+    return {"precision": p, "recall": r, "f1": f, "per_type": per_type}
+
+
+def macro_f1(gold: Sequence, pred: Sequence) -> float:
+    """Unweighted mean of each label's F1 over the labels in ``gold`` or ``pred``."""
+    labels = set(gold) | set(pred)
+    if not labels:
+        return 0.0
+    tp = Counter(g for g, p in zip(gold, pred) if g == p)
+    n_gold, n_pred = Counter(gold), Counter(pred)
+    return sum(_prf(tp[x], n_pred[x], n_gold[x])[2] for x in labels) / len(labels)
