@@ -113,9 +113,13 @@ def _add_extra_commands(sub) -> None:
 
 @command("train")
 def _train(args: argparse.Namespace) -> int:
-    from .api import train
+    from .api import as_recipe, train
+    from .system import skip_import
 
-    train(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    recipe = as_recipe(args.recipe, args.overrides)
+    if args.own_process and recipe.backbone.quantization == "none":  # it will never need bitsandbytes
+        skip_import("bitsandbytes")
+    train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -186,11 +190,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """``argv`` None: this process's own command line (the console script, ``python -m``, run.py),
+    so the command may tune the process for itself; a list: a call from Python, which it must not."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     setup_logging()
     try:
         args = parse_args(argv)
+        args.own_process = own_process
         return COMMANDS[args.command](args)
     except PeftlabError as exc:
         # Every rank sees the same bad input; rank 0 reports it. Training failures print everywhere.

@@ -14,7 +14,8 @@ def _main() -> int:
     sys.path.insert(0, os.path.dirname(here))
     from peftlab.cli import main
 
-    return main(["train", *sys.argv[1:]])
+    sys.argv[1:] = ["train", *sys.argv[1:]]
+    return main()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,21 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def skip_import(name: str) -> bool:
+    """Make ``import name`` fail, and ``importlib.util.find_spec(name)`` say it is absent, for the rest
+    of this process (Python's documented ``None`` entry in ``sys.modules``); False if already imported.
+
+    For one-recipe processes only: an unquantized training run hides bitsandbytes, which peft imports
+    whenever it is installed and whose import loads torch's compiler (``torch._inductor``), resident
+    memory that such a run never uses."""
+    import sys
+
+    if sys.modules.get(name) is not None:
+        return False
+    sys.modules[name] = None  # type: ignore[assignment]
+    return True
+
+
 def set_mmap_threshold(mb: float) -> bool:
     """Fix glibc's mmap threshold at ``mb`` MiB (freed large blocks are unmapped, not kept in the heap).
 
