@@ -60,7 +60,7 @@ class _SharedDropout:
             with torch.no_grad():
                 seed = int(torch.randint(0, 2**62, (1,)).item())
                 drop = drop_mask(x.shape, p, seed, x.device)
-                self._out = (x.masked_fill(drop, 0.0), drop)
+                self._out = (torch.where(drop, 0.0, x), drop)
             self._input, self._key = weakref.ref(x), key
         return self._out
 
