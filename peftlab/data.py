@@ -94,19 +94,19 @@ def read_conll(path: Path, key: str = "train", notes: Optional[list[str]] = None
     return sentences
 
 
-def read_table(path: Path, delimiter: str, columns: list[str], key: str) -> list[dict]:
+def read_table(path: Path, delimiter: str, columns: list[str], key: str, may_be_empty: tuple = ()) -> list[dict]:
     text = _read_text(path, key)
     csv.field_size_limit(2**31 - 1)  # a long text cell is data, not an error (the default is 128 KiB)
     # strict: a stray or unclosed quote is an error, not a field that silently swallows the lines after it
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
-        return _table_rows(reader, path, columns)
+        return _table_rows(reader, path, columns, may_be_empty)
     except csv.Error as exc:  # line_num counts the lines read before the bad one
         raise PeftlabError(f"{path}:{reader.line_num + 1}: not valid {'CSV' if delimiter == ',' else 'TSV'}: "
                            f"{exc}") from None
 
 
-def _table_rows(reader: csv.DictReader, path: Path, columns: list[str]) -> list[dict]:
+def _table_rows(reader: csv.DictReader, path: Path, columns: list[str], may_be_empty: tuple = ()) -> list[dict]:
     header = reader.fieldnames or []
     for col in columns:
         if col not in header:
@@ -121,7 +121,7 @@ def _table_rows(reader: csv.DictReader, path: Path, columns: list[str]) -> list[
         for col in columns:
             if row.get(col) is None:
                 raise PeftlabError(f"{path}:{reader.line_num}: row has no value for column '{col}'")
-            if not row[col].strip():
+            if not row[col].strip() and col not in may_be_empty:
                 raise PeftlabError(f"{path}:{reader.line_num}: column '{col}' is empty")
         rows.append({**{c: row[c] for c in columns}, "_where": f"{path}:{reader.line_num}"})
     return rows
@@ -161,8 +161,9 @@ def _format_of(cfg: DataConfig, path: Path) -> str:
 
 
 def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
-               notes: Optional[list[str]] = None) -> list[dict]:
-    """Read one split (``key`` = train/validation/test). ``kind`` is 'tokens' or 'text'."""
+               notes: Optional[list[str]] = None, may_be_empty: tuple = ()) -> list[dict]:
+    """Read one split (``key`` = train/validation/test). ``kind`` is 'tokens' or 'text'; CSV/TSV cells
+    of the ``may_be_empty`` columns may be empty (a multi-label row without labels)."""
     source = getattr(cfg, key)
     if cfg.hub is not None or cfg.format == "hub":
         rows = read_hub_split(cfg, source, columns, key)
@@ -177,7 +178,7 @@ def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
         elif fmt in ("csv", "tsv"):
             if kind == "tokens":
                 raise PeftlabError(f"data.{key}: {fmt} rows hold texts; NER needs CoNLL or JSONL token lists")
-            rows = read_table(path, "," if fmt == "csv" else "\t", columns, key)
+            rows = read_table(path, "," if fmt == "csv" else "\t", columns, key, may_be_empty)
         else:
             rows = read_jsonl(path, columns, key)
     if not rows:
@@ -226,12 +227,12 @@ def _fixed_seed_subset(rows: list, n: int, seed: int) -> list:
     return [rows[i] for i in sorted(order[:n])]
 
 
-def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
+def load_splits(cfg: DataConfig, columns: list[str], kind: str, may_be_empty: tuple = ()) -> Splits:
     """Read train/validation/test; carve a fixed-seed validation split when none is given."""
     notes = []
-    train = read_split(cfg, "train", columns, kind, notes)
+    train = read_split(cfg, "train", columns, kind, notes, may_be_empty)
     if cfg.validation is not None:
-        validation = read_split(cfg, "validation", columns, kind, notes)
+        validation = read_split(cfg, "validation", columns, kind, notes, may_be_empty)
     else:
         order = list(range(len(train)))
         random.Random(cfg.split_seed).shuffle(order)
@@ -249,7 +250,7 @@ def load_splits(cfg: DataConfig, columns: list[str], kind: str) -> Splits:
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         train = _fixed_seed_subset(train, cfg.max_train_samples, cfg.split_seed + 1)
         notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")
-    test = read_split(cfg, "test", columns, kind, notes) if cfg.test is not None else None
+    test = read_split(cfg, "test", columns, kind, notes, may_be_empty) if cfg.test is not None else None
     if test is not None and cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
         notes.append(f"test: fixed-seed subset of {cfg.max_test_samples} of {len(test)} examples (seed {cfg.split_seed + 2})")
         test = _fixed_seed_subset(test, cfg.max_test_samples, cfg.split_seed + 2)

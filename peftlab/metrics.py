@@ -1,13 +1,14 @@
 """Scores computed in peftlab: entity-level precision/recall/F1 as seqeval's default mode computes
-them, and macro-F1 as scikit-learn's ``f1_score(average="macro")``.
+them, macro-F1 and multi-label F1 as scikit-learn's ``f1_score``, Pearson and Spearman as SciPy's.
 
 Both libraries import scikit-learn, SciPy and pandas, about 150 MiB resident in every training process
 that evaluates; these few lines do the same arithmetic (tests/test_metrics.py checks them against
-seqeval and scikit-learn on random sequences, IOBES and malformed tags included).
+seqeval, scikit-learn and SciPy on random inputs, IOBES and malformed tags included).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -78,3 +79,48 @@ def macro_f1(gold: Sequence, pred: Sequence) -> float:
     tp = Counter(g for g, p in zip(gold, pred) if g == p)
     n_gold, n_pred = Counter(gold), Counter(pred)
     return sum(_prf(tp[x], n_pred[x], n_gold[x])[2] for x in labels) / len(labels)
+
+
+def multilabel_f1(gold: Sequence[Sequence[int]], pred: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """(micro-F1, macro-F1) of multi-hot rows; macro over every label (one absent from both is 0)."""
+    n = len(gold[0]) if len(gold) else 0
+    tp, n_gold, n_pred = [0] * n, [0] * n, [0] * n
+    for g_row, p_row in zip(gold, pred):
+        for j, (g, p) in enumerate(zip(g_row, p_row)):
+            tp[j] += g and p
+            n_gold[j] += g
+            n_pred[j] += p
+    micro = _prf(sum(tp), sum(n_pred), sum(n_gold))[2]
+    macro = sum(_prf(tp[j], n_pred[j], n_gold[j])[2] for j in range(n)) / n if n else 0.0
+    return micro, macro
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r; NaN when either side is constant or has fewer than two values."""
+    n = len(x)
+    if n < 2:
+        return math.nan
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson's r of the (tie-averaged) ranks."""
+    return pearson(_ranks(x), _ranks(y))

@@ -39,12 +39,6 @@ from .util import default_device, is_bnb_model
 
 PathLike = Union[str, Path]
 
-ARCHITECTURE_TASKS = (
-    ("ForTokenClassification", "token_classification"),
-    ("ForSequenceClassification", "sequence_classification"),
-    ("ForCausalLM", "causal_lm"),
-)
-
 # URLs, @mentions and #hashtags stay whole (as in tweet-tokenized NER data such as WNUT-17); words
 # keep inner apostrophes and hyphens; every other non-space character is a word of its own.
 WORD_PATTERN = re.compile(
@@ -95,13 +89,18 @@ def _max_length(model: Any, tokenizer: Any) -> int:
 
 
 def task_of_config(config: Any, where: Path) -> str:
+    """The registered task whose head architecture the checkpoint's config names."""
+    from .tasks import available_tasks, get_task_class
+
+    suffixes = {get_task_class(t).architecture(): t for t in available_tasks()}
     for arch in getattr(config, "architectures", None) or []:
-        for suffix, task in ARCHITECTURE_TASKS:
+        for suffix, task in suffixes.items():
             if arch.endswith(suffix):
                 return task
+    expected = ", ".join(f"*{s}" for s in suffixes)
     raise PeftlabError(
-        f"{where / 'config.json'}: architectures: expected a *ForTokenClassification, "
-        f"*ForSequenceClassification or *ForCausalLM model, found {getattr(config, 'architectures', None)}"
+        f"{where / 'config.json'}: architectures: expected one of {expected}, "
+        f"found {getattr(config, 'architectures', None)}"
     )
 
 
@@ -140,10 +139,10 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise PeftlabError(f"{path / 'config.json'}: cannot read it: {first[:200]}") from None
         task = task_of_config(config, path)
-        auto = getattr(get_task_class(task), "auto_model", None) if task != "causal_lm" else "AutoModelForCausalLM"
+        task_cls = get_task_class(task)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = auto_class(auto).from_pretrained(str(path), dtype="auto", use_safetensors=True)
+            model = auto_class(task_cls.auto_model).from_pretrained(str(path), dtype="auto", use_safetensors=True)
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise PeftlabError(f"{path}: cannot load the checkpoint: {first[:200]}") from None
@@ -153,7 +152,7 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
         model.to(device)
         model.eval()
         id2label = getattr(config, "id2label", None) or {}
-        labels = [id2label[i] for i in range(len(id2label))] if task != "causal_lm" else []
+        labels = [id2label[i] for i in range(len(id2label))] if task_cls.has_labels else []
         return Predictor(task, model, tokenizer, labels, "merged", path, device, _max_length(model, tokenizer), extra)
     raise PeftlabError(
         f"{path}: not a run folder, an exported package or a merged checkpoint "
@@ -305,7 +304,15 @@ def predict_labels(p: Predictor, texts: list[str], batch_size: int, advance: Opt
     for idx in _batches(len(texts), batch_size, [len(t) for t in texts]):
         enc = p.tokenizer([texts[i] for i in idx], truncation=True, max_length=p.max_length, padding=True,
                           return_tensors="pt")
-        probs = p.model(**{k: v.to(p.device) for k, v in enc.items()}).logits.float().softmax(-1).cpu()
+        logits = p.model(**{k: v.to(p.device) for k, v in enc.items()}).logits.float().cpu()
+        problem = getattr(p.model.config, "problem_type", None)
+        if problem in ("multi_label_classification", "regression"):
+            for row, i in enumerate(idx):
+                results[i] = _multi_or_score(p, texts[i], logits[row], problem)
+            if advance is not None:
+                advance(len(idx))
+            continue
+        probs = logits.softmax(-1)
         for row, i in enumerate(idx):
             best = int(probs[row].argmax())
             results[i] = {"text": texts[i], "label": p.labels[best], "probability": round(float(probs[row, best]), 6)}
@@ -316,6 +323,28 @@ def predict_labels(p: Predictor, texts: list[str], batch_size: int, advance: Opt
         if advance is not None:
             advance(len(idx))
     return results  # type: ignore[return-value]
+
+
+def _multi_or_score(p: Predictor, text: str, logits: torch.Tensor, problem: str) -> dict:
+    """A regression head's score, or every label at or above the run's validation threshold."""
+    if problem == "regression":
+        return {"text": text, "score": round(float(logits[0]), 6)}
+    probs = logits.sigmoid().tolist()
+    threshold = _dev_threshold(p.path)
+    return {"text": text, "labels": [p.labels[j] for j, v in enumerate(probs) if v >= threshold],
+            "threshold": threshold, "probabilities": {p.labels[j]: round(v, 6) for j, v in enumerate(probs)}}
+
+
+def _dev_threshold(path: Path) -> float:
+    """The multi-label decision threshold chosen on validation (a run's metrics.json); 0.5 without one."""
+    from .util import read_json_or_none
+
+    for candidate in (path / "metrics.json", path.parent / "metrics.json"):
+        data = read_json_or_none(candidate)
+        dev = data.get("dev") if isinstance(data, dict) else None
+        if isinstance(dev, dict) and isinstance(dev.get("threshold"), (int, float)):
+            return float(dev["threshold"])
+    return 0.5
 
 
 # -------------------------------------------------------------------------------------- causal_lm

@@ -90,6 +90,17 @@ class DataConfig(StrictModel):
     )
     text_column: str = Field("text", description="Text column (CSV/TSV/JSONL/hub).")
     label_column: str = Field("label", description="Label column for sequence classification.")
+    text_pair_column: Optional[str] = Field(
+        None, description="sequence_classification: a second text column, encoded with the first as a pair."
+    )
+    problem: Literal["single_label", "multi_label", "regression"] = Field(
+        "single_label", description="sequence_classification: one label per text, a list of labels per text "
+        "(sigmoid, threshold chosen on validation), or a number per text (MSE)."
+    )
+    label_separator: str = Field(
+        "|", min_length=1, description="sequence_classification, multi_label: separator of the labels in a "
+        "CSV/TSV cell (JSONL holds a list)."
+    )
     tokens_column: str = Field("tokens", description="Word-list column for NER in JSONL/hub data.")
     tags_column: str = Field("tags", description="Tag-list column for NER in JSONL/hub data.")
     max_length: int = Field(128, gt=0, description="Truncate inputs to this many tokens.")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import minilm_path
+from peftlab.errors import PeftlabError
 from peftlab.recipe import recipe_from_dict
 from peftlab.tasks import EncodedSplit, get_task_class
 from peftlab.tasks.token_classification import score_entities, sort_tags
@@ -95,3 +98,32 @@ def test_classification_evaluate_accuracy_and_macro_f1(tokenizer):
     # per class F1: a = 2/3, b = 2/3, c = 1
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert m["loss"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name, arch, peft_type, tag", [
+    ("token_classification", "ForTokenClassification", "TOKEN_CLS", "token-classification"),
+    ("sequence_classification", "ForSequenceClassification", "SEQ_CLS", "text-classification"),
+    ("causal_lm", "ForCausalLM", "CAUSAL_LM", "text-generation"),
+])
+def test_a_task_owns_what_merge_cards_and_predict_ask_of_it(name, arch, peft_type, tag):
+    from types import SimpleNamespace
+
+    from peftlab.deploy.card import _pipeline_tag, _usage
+    from peftlab.predict import task_of_config
+    from peftlab.tasks import get_task_class
+
+    cls = get_task_class(name)
+    assert (cls.architecture(), cls.peft_task_type, cls.pipeline_tag) == (arch, peft_type, tag)
+    assert task_of_config(SimpleNamespace(architectures=[f"Llama{arch}"]), Path("m")) == name
+    assert _pipeline_tag(name) == tag
+    assert any("some/model" in line for line in _usage(name, "some/model"))
+    assert cls.has_labels == (name != "causal_lm")
+
+
+def test_an_unknown_head_architecture_names_every_registered_one():
+    from types import SimpleNamespace
+
+    from peftlab.predict import task_of_config
+
+    with pytest.raises(PeftlabError, match=r"m/config.json: architectures: expected one of .*\*ForTokenClassification"):
+        task_of_config(SimpleNamespace(architectures=["BertModel"]), Path("m"))

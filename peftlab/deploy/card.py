@@ -10,13 +10,6 @@ from typing import Any
 from .._version import __version__
 from ..util import read_json_or_none
 
-PIPELINE_TAGS = {
-    "token_classification": "token-classification",
-    "sequence_classification": "text-classification",
-    "causal_lm": "text-generation",
-}
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -131,29 +124,17 @@ def _verify_lines(report: dict) -> list[str]:
     return lines
 
 
+def _pipeline_tag(task: str) -> str:
+    from ..tasks import get_task_class
+
+    return get_task_class(task).pipeline_tag or task
+
+
 def _usage(task: str, name: str) -> list[str]:
-    if task == "token_classification":
-        code = [
-            "from transformers import pipeline",
-            "",
-            f'ner = pipeline("token-classification", model="{name}", aggregation_strategy="simple")',
-            'print(ner("Heading to the Eiffel Tower with Emma tomorrow"))',
-        ]
-    elif task == "sequence_classification":
-        code = [
-            "from transformers import pipeline",
-            "",
-            f'classify = pipeline("text-classification", model="{name}")',
-            'print(classify("my card still has not arrived"))',
-        ]
-    else:
-        code = [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'tok = AutoTokenizer.from_pretrained("{name}")',
-            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-        ]
-    return ["```python", *code, "```", "", "or with peftlab: `peftlab predict " + name + ' "some text"`']
+    from ..tasks import get_task_class
+
+    return ["```python", *get_task_class(task).usage_code(name), "```", "",
+            "or with peftlab: `peftlab predict " + name + ' "some text"`']
 
 
 def _run_sections(recipe: Any, metrics_json: dict, params_json: dict, report: dict) -> list[str]:
@@ -172,7 +153,7 @@ def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict) ->
     lines = [
         "---",
         "library_name: transformers",
-        f"pipeline_tag: {PIPELINE_TAGS.get(task, task)}",
+        f"pipeline_tag: {_pipeline_tag(task)}",
         f"base_model: {json.dumps(recipe.backbone.name)}",
         f"tags: {_yaml_list(tags)}",
         "---",

@@ -9,13 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method
 
-PEFT_TASK_TYPES = {
-    "token_classification": "TOKEN_CLS",
-    "sequence_classification": "SEQ_CLS",
-    "causal_lm": "CAUSAL_LM",
-}
-
-
 class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: int = Field(8, gt=0, description="Rank of the update matrices.")
@@ -59,7 +52,7 @@ class Lora(Method):
             use_dora=o.use_dora,
             use_rslora=o.use_rslora,
             modules_to_save=list(dict.fromkeys([*ctx.head_names, *o.modules_to_save])) or None,
-            task_type=PEFT_TASK_TYPES.get(ctx.task.name),
+            task_type=ctx.task.peft_task_type,
         )
 
     def apply(self, model: Any, ctx: MethodContext) -> Any:

@@ -42,9 +42,9 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from ..errors import PeftlabError
+from ..registry import TASKS
 from ..validation import yaml_line
 from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method, register_unavailable
-from .lora import PEFT_TASK_TYPES
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class PeftTuner(Method, metaclass=_LazyOptions):
         config_cls = cls.config_class()
         if "modules_to_save" in {f.name for f in dataclasses.fields(config_cls)}:
             kwargs["modules_to_save"] = save or None
-        return config_cls(task_type=PEFT_TASK_TYPES.get(task_name), **kwargs)
+        return config_cls(task_type=TASKS.get(task_name).peft_task_type, **kwargs)
 
     @classmethod
     def _explain(cls, exc: Exception, options: BaseModel, where: str = "", model_type: str = "") -> str:

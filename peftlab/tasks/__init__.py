@@ -16,7 +16,8 @@ from ..errors import PeftlabError
 from ..registry import TASKS
 
 class Task:
-    """Base class. Subclasses set the class attributes and implement the methods below."""
+    """Base class. Subclasses set the class attributes and implement the methods below; everything
+    task-specific that training, merging, cards and prediction need is asked of the task class."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -24,6 +25,21 @@ class Task:
     metrics: ClassVar[tuple[str, ...]]  # metric names usable as train.metric
     default_metric: ClassVar[str]
     lower_is_better: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
+    peft_task_type: ClassVar[Optional[str]] = None  # peft's TaskType for this head (TOKEN_CLS, ...)
+    pipeline_tag: ClassVar[Optional[str]] = None  # the transformers pipeline of a merged checkpoint
+    has_labels: ClassVar[bool] = True  # a label set (config id2label) that the head predicts
+
+    @classmethod
+    def architecture(cls) -> str:
+        """The suffix of a transformers architecture with this task's head (``ForTokenClassification``)."""
+        return cls.auto_model.removeprefix("AutoModel")
+
+    @classmethod
+    def usage_code(cls, name: str) -> list[str]:
+        """Python lines that use a merged checkpoint of this task without peftlab (model cards)."""
+        return ["from transformers import pipeline", "",
+                f'model = pipeline("{cls.pipeline_tag}", model="{name}")'] if cls.pipeline_tag else [
+            f"from transformers import {cls.auto_model}", "", f'model = {cls.auto_model}.from_pretrained("{name}")']
 
     def __init__(self, recipe: Any):
         self.recipe = recipe
@@ -73,6 +89,10 @@ class Task:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: "EncodedSplit") -> dict:
         raise NotImplementedError
+
+    def use_dev_metrics(self, dev: dict) -> None:
+        """Before the test evaluation: the best model's validation metrics (a task that chooses
+        something on validation, such as a decision threshold, takes it from them)."""
 
     def metric_mode(self, metric: str) -> str:
         return "min" if metric in self.lower_is_better else "max"

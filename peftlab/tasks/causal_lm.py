@@ -256,6 +256,15 @@ class CausalLM(Task):
     auto_model = "AutoModelForCausalLM"
     metrics = ("exact_match", "token_f1", "loss", "perplexity")
     default_metric = "exact_match"
+    peft_task_type = "CAUSAL_LM"
+    pipeline_tag = "text-generation"
+    has_labels = False
+
+    @classmethod
+    def usage_code(cls, name: str) -> list[str]:
+        return ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'tok = AutoTokenizer.from_pretrained("{name}")',
+                f'model = AutoModelForCausalLM.from_pretrained("{name}")']
 
     # -- templates --------------------------------------------------------------------------------
     @property

@@ -1,81 +1,194 @@
-"""Text classification (one label per text): accuracy and macro-F1."""
+"""Text classification: one text or a pair of texts (``data.text_pair_column``) per example, and
+``data.problem``: one label (softmax; accuracy, macro-F1), several labels (sigmoid + BCE; micro- and
+macro-F1 at a threshold chosen on validation) or a number (MSE; Pearson, Spearman)."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 import torch
 from transformers import DataCollatorWithPadding
 
 from ..data import check_labels, check_text_rows, load_splits
-from ..metrics import macro_f1
+from ..errors import PeftlabError
+from ..metrics import macro_f1, multilabel_f1, pearson, spearman
 from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
+
+PROBLEM_METRICS = {
+    "single_label": ("accuracy", "macro_f1", "loss"),
+    "multi_label": ("micro_f1", "macro_f1", "subset_accuracy", "loss"),
+    "regression": ("pearson", "spearman", "mse", "loss"),
+}
+HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                    "regression": "regression"}
+THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # multi-label thresholds tried on validation
 
 
 @register_task
 class SequenceClassification(Task):
     name = "sequence_classification"
-    description = "text classification (CSV/TSV/JSONL text + label); accuracy and macro-F1"
+    description = "text or text-pair classification (CSV/TSV/JSONL): one label, several labels, or a score"
     auto_model = "AutoModelForSequenceClassification"
-    metrics = ("accuracy", "macro_f1", "loss")
+    metrics = tuple(dict.fromkeys(m for ms in PROBLEM_METRICS.values() for m in ms))
     default_metric = "accuracy"
+    lower_is_better = ("loss", "mse")
+    peft_task_type = "SEQ_CLS"
+    pipeline_tag = "text-classification"
+
+    def __init__(self, recipe: Any):
+        super().__init__(recipe)
+        self.problem = self.data_cfg.problem
+        self.threshold = 0.5  # multi_label: set by each non-test evaluation, and from the best one before test
+
+    @classmethod
+    def usage_code(cls, name: str) -> list[str]:
+        return ["from transformers import pipeline", "",
+                f'classify = pipeline("text-classification", model="{name}")',
+                'print(classify("my card still has not arrived"))']
+
+    def check_metric(self, metric: Optional[str]) -> str:
+        allowed = PROBLEM_METRICS[self.problem]
+        metric = metric or allowed[0]
+        if metric not in allowed:
+            raise PeftlabError(f"train.metric: '{metric}' is not a metric of {self.name} with data.problem "
+                               f"{self.problem} (choose one of: {', '.join(allowed)})")
+        return metric
+
+    @property
+    def text_columns(self) -> list[str]:
+        pair = self.data_cfg.text_pair_column
+        return [self.data_cfg.text_column] + ([pair] if pair else [])
 
     @property
     def columns(self) -> list[str]:
-        return [self.data_cfg.text_column, self.data_cfg.label_column]
+        return [*self.text_columns, self.data_cfg.label_column]
 
+    # -- data -------------------------------------------------------------------------------------
     def load_splits(self):
-        splits = load_splits(self.data_cfg, self.columns, kind="text")
-        label_col = self.data_cfg.label_column
+        empty_ok = (self.data_cfg.label_column,) if self.problem == "multi_label" else ()
+        splits = load_splits(self.data_cfg, self.columns, kind="text", may_be_empty=empty_ok)
         every = splits.train + splits.validation + (splits.test or [])
-        check_text_rows(every, [self.data_cfg.text_column])
-        check_labels(every, label_col)
-        for ex in splits.train:
-            ex[label_col] = str(ex[label_col])
-        self.set_labels(sorted({ex[label_col] for ex in splits.train}))
-        known = set(self.labels)
-        for name, rows in (("validation", splits.validation), ("test", splits.test or [])):
-            for ex in rows:
-                ex[label_col] = str(ex[label_col])
-            check_known_labels(rows, label_col, known, name, is_list=False)
+        check_text_rows(every, self.text_columns)
+        {"single_label": self._single_labels, "multi_label": self._multi_labels,
+         "regression": self._scores}[self.problem](splits)
         return splits
 
+    def _single_labels(self, splits) -> None:
+        col = self.data_cfg.label_column
+        check_labels(splits.train + splits.validation + (splits.test or []), col)
+        for ex in splits.train + splits.validation + (splits.test or []):
+            ex[col] = str(ex[col])
+        self.set_labels(sorted({ex[col] for ex in splits.train}))
+        for name, rows in (("validation", splits.validation), ("test", splits.test or [])):
+            check_known_labels(rows, col, set(self.labels), name, is_list=False)
+
+    def _multi_labels(self, splits) -> None:
+        col, sep = self.data_cfg.label_column, self.data_cfg.label_separator
+        for ex in splits.train + splits.validation + (splits.test or []):
+            value = ex[col]
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(sep) if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PeftlabError(f"{ex['_where']}: label '{col}' is {type(value).__name__}; expected a list of "
+                                   f"strings or labels joined by '{sep}' (data.problem: multi_label)")
+            ex[col] = sorted(set(value))
+        self.set_labels(sorted({label for ex in splits.train for label in ex[col]}))
+        if not self.labels:
+            raise PeftlabError(f"{self.data_cfg.train}: no row has a label (data.problem: multi_label)")
+        for name, rows in (("validation", splits.validation), ("test", splits.test or [])):
+            check_known_labels(rows, col, set(self.labels), name, is_list=True)
+
+    def _scores(self, splits) -> None:
+        col = self.data_cfg.label_column
+        for ex in splits.train + splits.validation + (splits.test or []):
+            value = ex[col]
+            try:
+                number = float(value) if not isinstance(value, bool) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise PeftlabError(f"{ex['_where']}: label '{col}' is {value!r}; expected a finite number "
+                                   f"(data.problem: regression)")
+            ex[col] = number
+        self.set_labels(["score"])
+
+    # -- model ------------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        return {**super().model_kwargs(), "problem_type": HF_PROBLEM_TYPES[self.problem]}
+
     def encode(self, examples: list[dict], tokenizer: Any, split: str) -> EncodedSplit:
-        text_col, label_col = self.columns
-        enc = tokenizer(
-            [str(ex[text_col]) for ex in examples], truncation=True, max_length=self.data_cfg.max_length
-        )
-        l2i = self.label2id
+        texts = [[str(ex[c]) for ex in examples] for c in self.text_columns]
+        enc = tokenizer(*texts, truncation=True, max_length=self.data_cfg.max_length)
         features = []
         for i, ex in enumerate(examples):
             feat = {k: enc[k][i] for k in enc.keys()}
-            feat["labels"] = l2i[ex[label_col]]
+            feat["labels"] = self._target(ex[self.data_cfg.label_column])
             features.append(feat)
-        return EncodedSplit(features, examples)
+        return EncodedSplit(features, examples, {"split": split})
+
+    def _target(self, label: Any) -> Any:
+        if self.problem == "multi_label":
+            chosen = set(label)
+            return [1.0 if name in chosen else 0.0 for name in self.labels]
+        return float(label) if self.problem == "regression" else self.label2id[label]
+
+    def count_items(self, batch: dict) -> int:
+        return int(batch["labels"].shape[0])  # one loss term per example, whatever the label's shape
 
     def collator(self, tokenizer: Any):
         return DataCollatorWithPadding(tokenizer)
 
+    # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_probs(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[torch.Tensor, float, int]:
+    def predict_scores(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[torch.Tensor, float, int]:
+        """Per example: softmax probabilities, sigmoid probabilities (multi_label) or the score."""
         model.eval()
-        probs, loss_sum, loss_n = [], 0.0, 0
+        out, loss_sum, loss_n = [], 0.0, 0
         for batch in dataloader:
             outputs = model(**batch_to_model_inputs(batch))
             if outputs.loss is not None and "labels" in batch:
                 loss_sum += float(outputs.loss) * len(batch["labels"])
                 loss_n += len(batch["labels"])
-            probs.append(accelerator.gather_for_metrics(outputs.logits.float().softmax(-1)).cpu())
+            out.append(accelerator.gather_for_metrics(self.scores_of(outputs.logits.float())).cpu())
         totals = accelerator.reduce(torch.tensor([loss_sum, float(loss_n)], device=accelerator.device), "sum")
-        return torch.cat(probs), float(totals[0]), int(totals[1])
+        return torch.cat(out), float(totals[0]), int(totals[1])
+
+    def scores_of(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.problem == "multi_label":
+            return logits.sigmoid()
+        return logits[:, 0] if self.problem == "regression" else logits.softmax(-1)
+
+    def use_dev_metrics(self, dev: dict) -> None:
+        self.threshold = float(dev.get("threshold", self.threshold))
 
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: EncodedSplit) -> dict:
-        probs, loss_sum, loss_n = self.predict_probs(model, dataloader, accelerator)
-        pred = probs.argmax(-1).tolist()
+        scores, loss_sum, loss_n = self.predict_scores(model, dataloader, accelerator)
         gold = [f["labels"] for f in encoded.features]
-        return {
-            "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
-            "macro_f1": macro_f1(gold, pred),
-            "loss": mean_loss(loss_sum, loss_n),
-            "examples": len(gold),
-        }
+        metrics = {"single_label": self._score_single, "multi_label": self._score_multi,
+                   "regression": self._score_regression}[self.problem](scores, gold, encoded)
+        return {**metrics, "loss": mean_loss(loss_sum, loss_n), "examples": len(gold)}
+
+    @staticmethod
+    def _score_single(probs: torch.Tensor, gold: list, encoded: EncodedSplit) -> dict:
+        pred = probs.argmax(-1).tolist()
+        return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold), "macro_f1": macro_f1(gold, pred)}
+
+    def _score_multi(self, probs: torch.Tensor, gold: list, encoded: EncodedSplit) -> dict:
+        gold_int = [[int(v) for v in row] for row in gold]
+
+        def at(t: float) -> dict:
+            pred = (probs >= t).int().tolist()
+            micro, macro = multilabel_f1(gold_int, pred)
+            exact = sum(p == g for p, g in zip(pred, gold_int)) / len(gold_int)
+            return {"micro_f1": micro, "macro_f1": macro, "subset_accuracy": exact, "threshold": t}
+
+        if encoded.extra.get("split") != "test":  # choose on this split; test uses the best dev's
+            self.threshold = max(THRESHOLDS, key=lambda t: (at(t)["micro_f1"], -abs(t - 0.5)))
+        return at(self.threshold)
+
+    @staticmethod
+    def _score_regression(scores: torch.Tensor, gold: list, encoded: EncodedSplit) -> dict:
+        pred = scores.tolist()
+        mse = sum((p - g) ** 2 for p, g in zip(pred, gold)) / len(gold)
+        return {"pearson": pearson(pred, gold), "spearman": spearman(pred, gold), "mse": mse}

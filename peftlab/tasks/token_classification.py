@@ -36,6 +36,14 @@ class TokenClassification(Task):
     auto_model = "AutoModelForTokenClassification"
     metrics = ("f1", "precision", "recall", "accuracy", "loss")
     default_metric = "f1"
+    peft_task_type = "TOKEN_CLS"
+    pipeline_tag = "token-classification"
+
+    @classmethod
+    def usage_code(cls, name: str) -> list[str]:
+        return ["from transformers import pipeline", "",
+                f'ner = pipeline("token-classification", model="{name}", aggregation_strategy="simple")',
+                'print(ner("Heading to the Eiffel Tower with Emma tomorrow"))']
 
     @property
     def columns(self) -> list[str]:

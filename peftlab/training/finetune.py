@@ -436,6 +436,7 @@ class FineTuneRecipe:
         if "test" not in self.eval_dls:
             return None
         t0 = time.perf_counter()
+        self.task.use_dev_metrics(next(h for h in self.state.history if h["step"] == self.state.best_step))
         metrics = self.task.evaluate(self.model, self.eval_dls["test"], self.accelerator, self.encoded["test"])
         self.state.eval_time += time.perf_counter() - t0
         log.info("test (best model, step %d): %s", self.state.best_step,
