@@ -8,17 +8,21 @@ Everything the CLI does is a plain Python call::
 """
 
 from ._version import __version__
-from .api import available_methods, load_recipe, register_method, train, validate
 from .errors import PeftlabError
-from .methods import Method
 
-__all__ = [
-    "Method",
-    "PeftlabError",
-    "__version__",
-    "available_methods",
-    "load_recipe",
-    "register_method",
-    "train",
-    "validate",
-]
+# Imported on first use, so that `import peftlab` (and `peftlab --help`) does not import torch.
+_LAZY = {"available_methods": "api", "load_recipe": "api", "register_method": "api", "train": "api",
+         "validate": "api", "Method": "methods"}
+
+__all__ = ["Method", "PeftlabError", "__version__", "available_methods", "load_recipe", "register_method",
+           "train", "validate"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

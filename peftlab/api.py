@@ -41,7 +41,8 @@ def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check
     from .tasks import get_task_class
 
     r = as_recipe(recipe, overrides)
-    summary: dict[str, Any] = {"recipe": r.source, "task": r.task, "method": r.method.name}
+    summary: dict[str, Any] = {"recipe": r.source, "task": r.task, "method": _method_line(r),
+                               "quantization": r.backbone.quantization}
     task = get_task_class(r.task)(r)
     task.check_metric(r.train.metric)
     if check_data:
@@ -58,12 +59,49 @@ def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check
         from .backbones import empty_model
         from .runs import check_target_modules
 
-        check_target_modules(r, empty_model(r.backbone, task.auto_model, task.model_kwargs(), summary["backbone"]))
+        model = empty_model(r.backbone, task.auto_model, task.model_kwargs(), summary["backbone"])
+        check_target_modules(r, model)
+        summary["trainable"] = _trainable_on_meta(r, task, model)
     if r.backbone.quantization != "none":  # bitsandbytes installed? (train would fail at model load)
         from .backbones import quantization_config
 
         quantization_config(r.backbone, [])
     return summary
+
+
+def _method_line(r: Any) -> str:
+    """``lora (r=16, target_modules=all-linear)``: the method and the options that differ from its defaults."""
+    options = r.method_options
+    defaults = type(options)().model_dump(mode="json") if _has_defaults(type(options)) else {}
+    changed = {k: v for k, v in options.model_dump(mode="json").items() if defaults.get(k, object()) != v}
+    inner = ", ".join(f"{k}={v if not isinstance(v, list) else '+'.join(map(str, v))}" for k, v in changed.items())
+    return f"{r.method.name} ({inner})" if inner else r.method.name
+
+
+def _has_defaults(options_cls: Any) -> bool:
+    return all(not f.is_required() for f in options_cls.model_fields.values())
+
+
+def _trainable_on_meta(r: Any, task: Any, model: Any) -> Optional[str]:
+    """Trainable parameters of the method on the backbone's empty (meta) modules; quantization does
+    not change the count. None when the method cannot be applied without weights."""
+    from .methods import MethodContext
+    from .backbones import find_head_names
+    from .runs import build_method
+
+    if model is None:
+        return None
+    try:
+        model.tie_weights()  # as loading does (an empty model is built untied)
+        method = build_method(r)
+        backbone = r.backbone.model_copy(update={"quantization": "none"})
+        ctx = MethodContext(task=task, backbone=backbone, head_names=find_head_names(model))
+        built = method.apply(model, ctx)
+        trainable = sum(p.numel() for p in method.trainable_parameters(built).values())
+        total = sum(p.numel() for p in built.parameters())
+    except Exception:  # noqa: BLE001 - a count only; training reports real problems
+        return None
+    return f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
 def merge(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **options: Any) -> dict:

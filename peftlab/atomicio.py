@@ -99,8 +99,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
+        mask = _umask()
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:  # modes from the umask, as for every other file (safetensors writes 0600)
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
             for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
                 with open(os.path.join(root, name), "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():

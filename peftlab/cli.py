@@ -81,13 +81,20 @@ def _quiet_libraries() -> None:
         transformers.logging.disable_progress_bar()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(wanted: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; ``wanted``: the command on the command line, whose module's arguments are loaded."""
+    from ._version import __version__
+
     p = _Parser(prog="peftlab", description="Parameter-efficient fine-tuning recipes.")
+    p.add_argument("--version", action="version", version=f"peftlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a recipe (same as accelerate launch peftlab/run.py RECIPE)")
-    t.add_argument("recipe")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1 method.r=16")
+    t = sub.add_parser(
+        "train", help="train a recipe (same as accelerate launch peftlab/run.py RECIPE)",
+        description="Train a recipe into its output.dir. `peftlab schema` lists every recipe key; "
+        "`peftlab validate RECIPE` checks one without training.")
+    t.add_argument("recipe", help="recipe YAML: backbone, task, data, method, train, output (see recipes/)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=1 method.r=16")
     t.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
@@ -100,15 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--json", action="store_true")
     sub.add_parser("backbones", help="list the packaged (offline) backbones")
-    _add_extra_commands(sub)
+    _add_extra_commands(sub, wanted)
     return p
 
 
-def _add_extra_commands(sub) -> None:
-    """Subcommands that live in their own modules (merge, predict, bench, ...)."""
-    for module in ("deploy.cli", "predict", "bench.cli"):
-        mod = importlib.import_module(f"peftlab.{module}")
-        mod.add_commands(sub, command)
+# Subcommands whose arguments live in their own modules: (module, the line `peftlab --help` shows).
+# A module is imported only when its command runs, so that help and --version do not import torch.
+EXTRA_COMMANDS = {
+    "predict": ("predict", "predict with a run folder, an exported package or a merged checkpoint"),
+    "merge": ("deploy.cli", "merge a run into a plain transformers checkpoint (verified against the run)"),
+    "export": ("deploy.cli", "package a run (any method) for `peftlab predict`: adapter weights + config + base reference"),
+    "bench": ("bench.cli", "run a benchmark spec: one process per cell, results as JSONL + report"),
+    "report": ("bench.cli", "Markdown/CSV/PNG report of a bench's results JSONL"),
+}
+
+
+def _add_extra_commands(sub, wanted: Optional[str]) -> None:
+    """The requested command's module adds its subcommands; the others are one-line placeholders."""
+    loaded = EXTRA_COMMANDS[wanted][0] if wanted in EXTRA_COMMANDS else None
+    if loaded:
+        importlib.import_module(f"peftlab.{loaded}").add_commands(sub, command)
+    for name, (module, help_line) in EXTRA_COMMANDS.items():
+        if module != loaded:
+            sub.add_parser(name, help=help_line)
 
 
 @command("train")
@@ -179,7 +200,7 @@ def _is_secondary_rank() -> bool:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Like ``parse_args``, but ``key=value`` overrides may also follow the flags
     (``train R --overwrite train.epochs=1``), which argparse alone refuses."""
-    parser = build_parser()
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list) and all(
             "=" in x and not x.startswith("-") for x in extra):

@@ -420,7 +420,6 @@ def add_commands(sub: Any, command: Callable) -> None:
     """Register ``peftlab predict`` (called by peftlab.cli)."""
     p = sub.add_parser(
         "predict",
-        help="predict with a run folder, an exported package or a merged checkpoint",
         description="NER: one JSON line per text with its entities (text, type, start, end, score). "
         "Classification: one JSON line per text with the label and its probability.",
     )

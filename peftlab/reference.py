@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import types
+import typing
+from typing import Any
+
 from pydantic import BaseModel
 
 from .recipe import MethodSpec, Recipe
 from .registry import METHODS, TASKS
 
+
+def type_text(ann: Any) -> str:
+    """A type as a recipe author reads it: ``str | list[str] | null``, ``'a' | 'b'``, ``int``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if ann is type(None) or ann is None:
+        return "null"
+    if ann is Any:
+        return "any"
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return type_text(args[0])
+    if origin in (typing.Union, types.UnionType):
+        parts = [type_text(a) for a in args if a is not type(None)]
+        return " | ".join(dict.fromkeys(parts)) + (" | null" if type(None) in args else "")
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(type_text(a) for a in args)}]" if args else name
+    return getattr(ann, "__name__", str(ann).replace("typing.", ""))
 
 
 def _describe_model(model: type[BaseModel], indent: str = "  ") -> list[str]:
@@ -17,22 +40,11 @@ def _describe_model(model: type[BaseModel], indent: str = "  ") -> list[str]:
             lines.append(f"{indent}{name}:")
             lines.extend(_describe_model(ann, indent + "  "))
             continue
-        type_txt = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        if str(ann).startswith("typing.Literal") or "Literal" in str(ann):
-            type_txt = " | ".join(map(str, getattr(ann, "__args__", ())))
-        if "Optional" in str(ann) or "None" in str(ann):
-            args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
-            inner = args[0] if args else ann
-            type_txt = (
-                " | ".join(map(str, getattr(inner, "__args__", ())))
-                if "Literal" in str(inner)
-                else getattr(inner, "__name__", str(inner))
-            ) + " | null"
         if field.is_required():
             default = "required"
         else:
             default = "default " + repr(field.get_default(call_default_factory=True))
-        lines.append(f"{indent}{name}: {type_txt}  ({default})  {field.description or ''}".rstrip())
+        lines.append(f"{indent}{name}: {type_text(ann)}  ({default})  {field.description or ''}".rstrip())
     return lines
 
 

@@ -69,6 +69,26 @@ def test_verify_json_exact_merge(merged_ner, lora_ner):
     assert v["params"]["merged"] == read(lora_ner / "params.json")["total_params"]
 
 
+def test_saved_files_take_their_mode_from_the_umask(tiny_bert, wnut_small, tmp_path):
+    """safetensors creates its files 0600; every file peftlab leaves (weights included) is readable
+    as the umask allows, like any other file the user writes."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        run = tmp_path / "run"
+        peftlab.train(ner_recipe(tiny_bert, wnut_small, run, {"name": "lora", "r": 2}, max_steps=2))
+        assert cli.main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in [*run.rglob("*"), *(tmp_path / "merged").rglob("*")] if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.name == "adapter_model.safetensors" for p in files)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {m for m in modes.values()} == {"0o640"}, modes
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "- source run: `../run` (relative to this folder)" in card  # (the recipe itself is quoted as written)
+
+
 def test_model_card(merged_ner, tiny_bert):
     card = (merged_ner / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: token-classification\n")

@@ -124,6 +124,40 @@ def test_validate_reports_counts():
     assert "train 3394, validation 1009, test 1287, labels 13" in res.stdout
 
 
+def test_validate_names_method_options_quantization_and_trainable_count():
+    res = run_cli("validate", "recipes/qlora_ner.yaml")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "method lora (r=16, alpha=32.0), quantization nf4" in out
+    assert "trainable 668,557 of " in out  # peft's count of this recipe (efficiency_minilm's nf4 cell)
+    plain = run_cli("validate", "recipes/full_ner.yaml").stdout
+    assert "method full, quantization none" in plain and "(100.00%)" in plain
+
+
+def test_schema_shows_types_as_recipe_authors_read_them():
+    text = describe_schema()
+    for raw in ("typing.", "<class", "Union", "efficiencyWhether", ".For example"):
+        assert raw not in text, raw
+    assert "target_modules: str | list[str] | null" in text
+    assert "quantization: 'none' | 'int8' | 'nf4' | 'fp4'  (default 'none')" in text
+    # peft annotates c3a's init_weights as bool but defaults it to a string: both are accepted
+    assert "init_weights: bool | 'gaussian' | 'kaiming_uniform' | 'xavier_uniform' | null  (default 'xavier_uniform')" in text
+
+
+def test_help_and_version_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from peftlab.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['train', '--help']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit as e: assert e.code == 0\n"
+            "import peftlab; print('torch' in sys.modules, peftlab.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("peftlab ") and out.strip().endswith("False 0.1.0"), out
+    assert "predict" in out and "merge" in out and "bench" in out  # every command listed in --help
+
+
 def test_schema_prints_every_key():
     text = describe_schema()
     for key in ("backbone:", "quantization:", "early_stopping_patience:", "max_train_samples:", "unfreeze_last_layers:", "target_modules:"):

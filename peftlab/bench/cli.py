@@ -7,7 +7,7 @@ from .runner import run_bench
 
 
 def add_commands(sub, command) -> None:
-    b = sub.add_parser("bench", help="run a benchmark spec: one process per cell, results as JSONL + report")
+    b = sub.add_parser("bench")
     b.add_argument("spec", help="benchmarks/<name>.yaml")
     b.add_argument("--quick", action="store_true", help="the spec's quick profile (few steps, one seed; CI)")
     b.add_argument("--only", action="append", metavar="PATTERN",
@@ -24,7 +24,7 @@ def add_commands(sub, command) -> None:
     b.add_argument("--list", action="store_true", help="list the cells and their state; run nothing")
     b.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
-    r = sub.add_parser("report", help="Markdown/CSV/PNG report of a bench's results JSONL")
+    r = sub.add_parser("report")
     r.add_argument("results", help="RESULTS.jsonl")
     r.add_argument("--out", metavar="DIR", help="output folder (default: the JSONL's folder)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,17 @@ def _run_sections(recipe: Any, metrics_json: dict, params_json: dict, report: di
             *_data_lines(recipe, metrics_json), "", "## Metrics of the run", "", *_metric_table(metrics_json), ""]
 
 
-def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict) -> str:
-    """README.md of a merged checkpoint: what it is, how it was trained and verified, how to use it."""
+def _from_card(path: str, out: Path) -> str:
+    """``path`` relative to the card's folder ``out``, so that the card names no absolute paths."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(out).resolve())
+    except ValueError:  # another drive (Windows)
+        return Path(path).name
+
+
+def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict, out: Path) -> str:
+    """README.md of a merged checkpoint (written to ``out``): what it is, how it was trained and
+    verified, how to use it."""
     recipe, task = run.recipe, run.task.name
     method_opts = run.method.options.model_dump(mode="json")
     tags = ["peftlab", run.method.name, task.replace("_", "-")]
@@ -174,7 +184,7 @@ def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict) ->
         f"- quantization while training: {recipe.backbone.quantization}",
         f"- method: `{run.method.name}` " + ", ".join(f"{k}={v}" for k, v in method_opts.items()),
         f"- labels ({len(run.task.labels)}): " + ", ".join(f"`{label}`" for label in run.task.labels),
-        f"- source run: `{report['run']}`",
+        f"- source run: `{_from_card(report['run'], out)}` (relative to this folder)",
         "",
         *_run_sections(recipe, metrics_json, params_json, report),
         "## Merge verification",

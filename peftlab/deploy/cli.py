@@ -15,7 +15,6 @@ def add_commands(sub: Any, command: Callable) -> None:
     """Register ``peftlab merge`` and ``peftlab export`` (called by peftlab.cli)."""
     m = sub.add_parser(
         "merge",
-        help="merge a run into a plain transformers checkpoint (verified against the run)",
         description="Fold the run's method into the backbone's weights and write a checkpoint that "
         "transformers loads without peft/peftlab. The merged model is checked against the run before "
         "anything is written; exit 4 when it does not reproduce it.",
@@ -39,7 +38,6 @@ def add_commands(sub: Any, command: Callable) -> None:
 
     e = sub.add_parser(
         "export",
-        help="package a run (any method) for `peftlab predict`: adapter weights + config + base reference",
     )
     e.add_argument("run_dir", help="a finished run folder")
     e.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -286,7 +286,7 @@ def merge(
         write_json(tmp / MERGE_FILE, {"format": MERGE_FORMAT, "task": run.task.name, "method": method.name,
                                       "source_run": str(run_dir.resolve()), "recipe": recipe.to_dict(),
                                       "peftlab_version": __version__})
-        write_text(tmp / "README.md", model_card(run, report, metrics_json, params_json))
+        write_text(tmp / "README.md", model_card(run, report, metrics_json, params_json, out))
     log.info(f"merge: wrote {out} (max |Δlogit| {stats['max_abs_logit_diff']:.3g}, agreement {100 * stats['agreement']:.2f}%)")
     return report
 

@@ -138,10 +138,18 @@ def _peft_config_class(tuner: Tuner) -> type:
 
 
 def _first_sentence(text: str) -> str:
-    text = " ".join(str(text).split())
-    m = re.match(r"(.+?[.!?])(\s|$)", text)
-    text = m.group(1) if m else text
-    return text if len(text) <= 160 else text[:157] + "..."
+    """The first sentence of peft's help text, repaired where peft runs sentences together
+    ("with BEFT.For example", "efficiencyWhether") and with its brackets closed."""
+    text = " ".join(str(text).split()).lstrip("(\"' ")
+    text = re.sub(r"([.!?])([A-Z])", r"\1 \2", text)
+    text = re.sub(r"\b([a-z]{3,})([A-Z][a-z]{2,})", r"\1. \2", text)
+    m = re.match(r"(.+?(?<!e\.g)(?<!i\.e)[.!?])(\s|$)", text)
+    text = m.group(1) if m else text.removesuffix("\")")
+    if len(text) > 160:  # cut: close what the cut left open
+        text = text[:157].rstrip() + "..."
+        for opening, closing in ("()", "[]"):
+            text += closing * max(0, text.count(opening) - text.count(closing))
+    return text
 
 
 def _usable_annotation(ann: Any) -> Any:
@@ -150,6 +158,18 @@ def _usable_annotation(ann: Any) -> Any:
         return ann
     except Exception:  # noqa: BLE001 - exotic annotations (torch types, forward refs) accept anything
         return Any
+
+
+def _with_default_type(ann: Any, default: Any) -> Any:
+    """peft annotates some fields narrower than their defaults (``init_weights: bool`` defaulting to
+    'xavier_uniform'); such a field accepts the default's type too."""
+    if default is dataclasses.MISSING or default is None or ann is Any:
+        return ann
+    try:
+        TypeAdapter(ann).validate_python(default, strict=True)
+        return ann
+    except Exception:  # noqa: BLE001 - pydantic's ValidationError, or an annotation it cannot check strictly
+        return typing.Union[ann, type(default)]
 
 
 def build_options_model(name: str, config_cls: type) -> type[BaseModel]:
@@ -162,7 +182,7 @@ def build_options_model(name: str, config_cls: type) -> type[BaseModel]:
     for f in dataclasses.fields(config_cls):
         if f.name in RESERVED_FIELDS or not f.init or f.name.startswith("_"):
             continue
-        ann = _usable_annotation(hints.get(f.name, Any))
+        ann = _with_default_type(_usable_annotation(hints.get(f.name, Any)), f.default)
         desc = _first_sentence(f.metadata.get("help", "")) or None
         if f.default is not dataclasses.MISSING:
             fields[f.name] = (ann, Field(f.default, description=desc))
