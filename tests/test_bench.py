@@ -593,3 +593,36 @@ def test_trainer_baseline_evaluates_in_dataset_order_while_training_grouped_by_l
     in_order = [len(ids) for ids in ds["input_ids"]]
     assert lengths_seen(Trainer) != in_order  # what transformers does: the bug this guards against
     assert lengths_seen(module.SequentialEvalTrainer) == in_order
+
+
+def test_crowded_plot_labels_do_not_overlap():
+    """Twelve configurations at one parameter count and nearly one score (the SmolLM2 LoRA cluster):
+    every label gets a box of its own."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from peftlab.bench.plots import place_labels
+
+    fig = Figure(figsize=(8, 5.5), dpi=110)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    points = [(4.88e6 * (1 + 0.001 * i), 0.81 + 0.0005 * i, f"lora-variant-{i}") for i in range(12)]
+    points += [(2.2e7, 0.80, "full"), (3.0e5, 0.79, "ia3")]
+    for x, y, _ in points:
+        ax.plot(x, y, "o")
+    ax.set_xscale("log")
+    ax.set_ylim(0.7, 0.9)
+    fig.tight_layout()
+    boxes = place_labels(ax, points, canvas.get_renderer())
+    assert len(boxes) == len(points)
+    overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlapping
+
+
+def test_an_outlier_is_drawn_at_the_edge_of_a_zoomed_axis():
+    from peftlab.bench.plots import _band
+
+    assert _band([0.40, 0.41, 0.42, 0.40, 0.0]) is not None  # one cell at 0: the axis keeps 0.40-0.42
+    low, high = _band([0.40, 0.41, 0.42, 0.40, 0.0])
+    assert 0.3 < low < 0.40 and 0.42 < high < 0.5
+    assert _band([0.40, 0.41, 0.42, 0.43]) is None  # no outlier: no zoom

@@ -108,6 +108,7 @@ def _header_lines(s: Summary, records_path: Path) -> list[str]:
     lines = [f"# Benchmark report: {s.title}" + (f" ({s.profile} profile)" if s.profile else ""), ""]
     if s.description:
         lines += [s.description.strip(), ""]
+    lines += bottom_line(s)
     if s.command:
         lines += [f"**Reproduce** (from the repository root): `{s.command}`. It skips the cells already in "
                   f"`{records_path.name}` and rewrites this report; `peftlab report {records_path}` rewrites "
@@ -145,6 +146,34 @@ def _header_lines(s: Summary, records_path: Path) -> list[str]:
               "excludes evaluation; throughput counts training samples and non-padding tokens; saved size is the "
               "run's `model/` folder.", ""]
     return lines
+
+
+def bottom_line(s: Summary) -> list[str]:
+    """Two or three sentences computed from the records: the best configuration by the test metric,
+    the lightest and the fastest, and peftlab against the Trainer script where the spec has it."""
+    def best(key: str, pick: Any) -> Optional[tuple[str, Any]]:
+        rows = [(r.config, r.stats[key]) for r in s.rows if r.stats.get(key) and r.stats[key].mean is not None]
+        return pick(rows, key=lambda cs: cs[1].mean) if rows else None
+
+    def pm(st: Any, fmt: str) -> str:
+        return fmt.format(st.mean) + (f" ± {fmt.format(st.std)}" if st.std is not None else "") + \
+            f" ({st.n} seed{'s' if st.n != 1 else ''})"
+
+    parts = []
+    top = best(f"test_{s.metric}", max) if s.metric else None
+    if top:
+        parts.append(f"best test {s.metric}: `{top[0]}`, {pm(top[1], '{:.4f}')}.")
+    light, fast = best("peak_rss_mib", min), best("samples_per_s", max)
+    if light and fast:
+        parts.append(f"Lightest: `{light[0]}` ({light[1].mean:,.0f} MiB peak RSS); fastest: `{fast[0]}` "
+                     f"({fast[1].mean:.1f} samples/s).")
+    for c in comparisons(s):
+        ratio, diff = c["samples_per_s_ratio"], c.get(f"test_{s.metric}_diff")
+        if ratio is not None and diff is not None:
+            parts.append(f"`{c['peftlab']}` vs the Trainer script: {diff:+.4f} test {s.metric} at {ratio:.2f}x its "
+                         f"samples/s and {c['peak_rss_ratio']:.2f}x its peak RSS." if c["peak_rss_ratio"] is not None
+                         else f"`{c['peftlab']}` vs the Trainer script: {diff:+.4f} test {s.metric}.")
+    return ["**Bottom line:** " + " ".join(parts), ""] if parts else []
 
 
 def _machine_lines(s: Summary) -> list[str]:
