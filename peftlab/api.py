@@ -132,7 +132,8 @@ def predict(model_dir: Any, texts: Any, **options: Any) -> list[dict]:
 def bench(spec: Union[str, os.PathLike], **options: Any) -> Any:
     """Run a benchmark spec (one process per cell, resumable) and write its report (peftlab.bench).
 
-    Options: quick, only, rerun, resume, skip_failed, keep_changed, results_dir, work_dir, list_only, report.
+    Options: quick, only, rerun, resume, skip_failed, keep_changed, results_dir, work_dir, list_only, report,
+    allow_dirty (see peftlab.bench.runner.run_bench).
     """
     from .bench import run_bench
 

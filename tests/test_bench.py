@@ -10,6 +10,7 @@ Trainer script, compared with ``lora``).
 from __future__ import annotations
 
 import contextlib
+import io
 import csv
 import json
 import re
@@ -626,3 +627,32 @@ def test_an_outlier_is_drawn_at_the_edge_of_a_zoomed_axis():
     low, high = _band([0.40, 0.41, 0.42, 0.40, 0.0])
     assert 0.3 < low < 0.40 and 0.42 < high < 0.5
     assert _band([0.40, 0.41, 0.42, 0.43]) is None  # no outlier: no zoom
+
+
+def test_committed_results_need_a_clean_tree(bench, tmp_path, monkeypatch):
+    """Cells recorded into the repository's own results folder must come from a commit; a scratch
+    results folder (--results) or --allow-dirty may run on uncommitted changes."""
+    from peftlab.bench import runner
+    from peftlab.bench.plan import plan_bench
+
+    monkeypatch.setattr(runner, "git_info", lambda cwd=None: {"commit": "abc", "dirty": True})
+    default_results = plan_bench(bench["spec"], quick=True).results_dir
+    existed = default_results.exists()
+    with pytest.raises(PeftlabError, match=r"uncommitted changes to code that can change a result .* --allow-dirty"):
+        run_bench(bench["spec"], quick=True, work_dir=tmp_path / "work", rerun=["*"], out=io.StringIO())
+    assert default_results.exists() == existed  # nothing written
+
+
+def test_report_flags_cells_from_uncommitted_code(bench, tmp_path):
+    import json as _json
+    import shutil
+
+    rows = [_json.loads(line) for line in (bench["results"] / "results.jsonl").read_text().splitlines() if line]
+    for r in rows[:2]:
+        r.setdefault("git", {})["dirty"] = True
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    shutil.copy(bench["results"] / "plan.json", out / "plan.json")
+    write_report(out / "results.jsonl", out)
+    assert "**Not reproducible from a commit:** " in (out / "report.md").read_text()

@@ -23,6 +23,8 @@ def add_commands(sub, command) -> None:
     b.add_argument("--work", metavar="DIR", help="cell work folder (default: benchmarks/work/<name>)")
     b.add_argument("--list", action="store_true", help="list the cells and their state; run nothing")
     b.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    b.add_argument("--allow-dirty", action="store_true",
+                   help="record cells into benchmarks/results/ with uncommitted code changes (marked in the report)")
 
     r = sub.add_parser("report")
     r.add_argument("results", help="RESULTS.jsonl")
@@ -33,7 +35,7 @@ def add_commands(sub, command) -> None:
         summary = run_bench(
             args.spec, quick=args.quick, only=args.only, rerun=args.rerun, resume=args.resume, skip_failed=args.skip_failed,
             keep_changed=args.keep_changed, results_dir=args.results, work_dir=args.work,
-            list_only=args.list, report=not args.no_report,
+            allow_dirty=args.allow_dirty, list_only=args.list, report=not args.no_report,
         )
         return 1 if summary.failed else 0
 

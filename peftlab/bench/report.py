@@ -126,6 +126,10 @@ def _header_lines(s: Summary, records_path: Path) -> list[str]:
         lines.append("**Versions:** " + ", ".join(f"{k} {' / '.join(sorted(v))}" for k, v in vers.items()) + ".")
     if commits:
         lines.append("**Git commit:** " + ", ".join(sorted(commits)) + ".")
+    dirty = [r["cell"] for r in s.ok if (r.get("git") or {}).get("dirty")]
+    if dirty:
+        lines.append(f"**Not reproducible from a commit:** {len(dirty)} cell(s) ran with uncommitted code changes "
+                     f"({', '.join(dirty[:6])}{', ...' if len(dirty) > 6 else ''}); re-run them on a clean commit.")
     loads = [r["load_avg"] for r in s.ok if isinstance(r.get("load_avg"), dict)]
     if loads:
         cores = sorted({record_value(r, "machine", "cores") for r in s.ok if record_value(r, "machine", "cores")})

@@ -190,12 +190,15 @@ def run_bench(
     work_dir: Optional[Union[str, os.PathLike]] = None,
     list_only: bool = False,
     report: bool = True,
+    allow_dirty: bool = False,
     out: TextIO = sys.stderr,
 ) -> BenchSummary:
     """Run every cell of the spec that has no finished record, then write the report.
 
     ``only``: run only the cells (or configurations) matching these globs. ``rerun``: also run these
-    finished cells again from scratch (after a code change), replacing their records."""
+    finished cells again from scratch (after a code change), replacing their records. Cells recorded
+    into the repository's own results folder (the default) need a clean tree: a committed report must
+    name the commit that reproduces it (``allow_dirty`` records them anyway, marked as such)."""
     plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir)
     summary = BenchSummary(plan)
     jsonl = plan.results_dir / RESULTS_FILE
@@ -223,6 +226,8 @@ def run_bench(
                 state = "to run" if cell in todo else (rec.get("status") if rec else "not selected")
                 say(f"  {cell.id:<40} {state}{'  (' + cell.problem + ')' if cell.problem else ''}")
             return summary
+        if todo and results_dir is None and not allow_dirty:
+            _require_clean_tree(plan)
         plan.results_dir.mkdir(parents=True, exist_ok=True)
         write_json(plan.results_dir / PLAN_FILE, {
             "spec": plan.name, "spec_path": str(plan.spec_path), "profile": plan.profile,
@@ -235,6 +240,15 @@ def run_bench(
         summary.report = write_report(jsonl, plan.results_dir)
         say(f"report: {summary.report['markdown']}")
     return summary
+
+
+def _require_clean_tree(plan: BenchPlan) -> None:
+    if git_info(plan.spec_path.parent).get("dirty"):
+        raise PeftlabError(
+            f"{plan.spec_path}: the working tree has uncommitted changes to code that can change a result "
+            f"(peftlab/, recipes/, benchmarks/ specs and scripts, the install); commit them so that "
+            f"{plan.results_dir}/report.md names a commit that reproduces it, or run with --allow-dirty "
+            f"(cells marked 'uncommitted changes') or --results DIR")
 
 
 def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: bool = False) -> dict:
