@@ -63,6 +63,7 @@ def test_log_lines_never_share_a_line_with_the_progress_bar(tmp_path, tiny_bert,
     assert proc.wait(timeout=600) == 0
     raw = b"".join(chunks).decode("utf-8", "replace")
     assert "train:" in raw and "\r" in raw  # a bar was drawn and redrawn on the terminal
+    assert "eval:" in raw  # the validation pass shows its own progress
     shown = _visible_lines(raw)
     logs = [ln for ln in shown if "[peftlab]" in ln]
     assert any("eval" in ln for ln in logs) and any("schedule" in ln for ln in logs)  # logged while the bar ran
@@ -80,3 +81,22 @@ def test_a_log_file_gets_one_line_per_event(tmp_path, tiny_bert, wnut_small):
     lines = text.splitlines()
     assert lines and all(ln.startswith("[peftlab] ") for ln in lines), lines[:5]
     assert any("step 4/" in ln for ln in lines) and any(ln.startswith("[peftlab] done:") for ln in lines)
+
+
+def test_evaluation_time_is_left_out_of_the_training_rate():
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from peftlab.training.progress import ProgressBar
+
+    bar = ProgressBar()
+    bar.bar = tqdm(total=10, file=io.StringIO())
+    bar.update()
+    start = bar.bar.start_t
+    with bar.evaluating([1, 2, 3], "eval") as batches:
+        assert list(batches) == [1, 2, 3]
+        time.sleep(0.3)
+    assert bar.bar.start_t - start >= 0.25  # the training bar's clock skipped the evaluation
+    bar.close()

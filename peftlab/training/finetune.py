@@ -342,8 +342,8 @@ class FineTuneRecipe:
         """Validation pass; keeps the best model. Returns True when training should stop early."""
         s = self.state
         t0 = time.perf_counter()
-        metrics = self.task.evaluate(self.model, self.eval_dls["validation"], self.accelerator,
-                                     self.encoded["validation"])
+        with self.bar.evaluating(self.eval_dls["validation"], "eval") as batches:
+            metrics = self.task.evaluate(self.model, batches, self.accelerator, self.encoded["validation"])
         s.eval_time += time.perf_counter() - t0
         self.model.train()
         value = metrics[self.metric]

@@ -3,8 +3,9 @@ on a terminal (where stderr is a file, the loss lines are the progress)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -65,6 +66,25 @@ class ProgressBar:
                 self.bar.set_postfix(**postfix)
             else:
                 self.bar.update(1)
+
+    @contextlib.contextmanager
+    def evaluating(self, dataloader: Any, desc: str) -> Iterator[Any]:
+        """``dataloader`` with a bar of its own on the training bar's line while it runs (terminal
+        only); afterwards the training bar's rate and ETA leave the evaluation's time out."""
+        if self.bar is None:
+            yield dataloader
+            return
+        from tqdm.auto import tqdm
+
+        self.bar.clear()
+        inner = tqdm(dataloader, desc=desc, total=len(dataloader), leave=False, position=0, dynamic_ncols=True,
+                     file=sys.stderr, mininterval=1.0)
+        try:
+            yield inner
+        finally:
+            inner.close()
+            self.bar.unpause()
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
