@@ -13,6 +13,18 @@ DATA = (ROOT.parent / "shared" / "data").resolve()
 WNUT = DATA / "wnut17"
 BANKING = DATA / "banking77"
 
+GPU_TESTS = Path(__file__).resolve().parent / "gpu"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/gpu runs only when named (``python -m pytest tests/gpu``), not with the main suite."""
+    path = Path(collection_path).resolve()
+    if path != GPU_TESTS and GPU_TESTS not in path.parents:
+        return None
+    named = [Path(a.split("::")[0]).resolve() for a in config.args]
+    return not any(p == GPU_TESTS or GPU_TESTS in p.parents for p in named)
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

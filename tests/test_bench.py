@@ -656,3 +656,24 @@ def test_report_flags_cells_from_uncommitted_code(bench, tmp_path):
     shutil.copy(bench["results"] / "plan.json", out / "plan.json")
     write_report(out / "results.jsonl", out)
     assert "**Not reproducible from a commit:** " in (out / "report.md").read_text()
+
+
+def test_gpu_report_from_test_results_and_records(tmp_path):
+    """benchmarks/gpu_report.py (the last step of gpu_check.sh) on a made-up run: every test's result,
+    and CUDA peak / tokens/s ratios to full fine-tuning."""
+    (tmp_path / "gpu_tests.xml").write_text(
+        '<testsuites><testsuite name="pytest"><testcase classname="t" name="test_a"/>'
+        '<testcase classname="t" name="test_b"><failure message="x"/></testcase>'
+        '<testcase classname="t" name="test_c"><skipped message="CUDA not available"/></testcase></testsuite></testsuites>')
+    spec = tmp_path / "efficiency_smollm2"
+    spec.mkdir()
+    recs = [{"cell": f"{c}-s42", "config": c, "status": "ok", "time": {"tokens_per_s": t},
+             "memory": {"cuda_max_memory_allocated_bytes": m * 2**20}} for c, t, m in
+            (("full", 100.0, 4000), ("nf4-qlora", 150.0, 1000))]
+    (spec / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "tests/gpu: 1 passed, 1 failed, 1 skipped." in report and "| test_b | failed |" in report
+    assert "| nf4-qlora | 1,000 | 150 | 0.25 | 1.50 |" in report

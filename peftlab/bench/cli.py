@@ -10,6 +10,7 @@ def add_commands(sub, command) -> None:
     b = sub.add_parser("bench")
     b.add_argument("spec", help="benchmarks/<name>.yaml")
     b.add_argument("--quick", action="store_true", help="the spec's quick profile (few steps, one seed; CI)")
+    b.add_argument("--profile", metavar="NAME", help="one of the spec's named profiles (e.g. gpu)")
     b.add_argument("--only", action="append", metavar="PATTERN",
                    help="run only configurations/cells matching this glob (repeatable)")
     b.add_argument("--rerun", action="append", metavar="PATTERN",
@@ -35,7 +36,7 @@ def add_commands(sub, command) -> None:
         summary = run_bench(
             args.spec, quick=args.quick, only=args.only, rerun=args.rerun, resume=args.resume, skip_failed=args.skip_failed,
             keep_changed=args.keep_changed, results_dir=args.results, work_dir=args.work,
-            allow_dirty=args.allow_dirty, list_only=args.list, report=not args.no_report,
+            allow_dirty=args.allow_dirty, profile=args.profile, list_only=args.list, report=not args.no_report,
         )
         return 1 if summary.failed else 0
 

@@ -127,20 +127,23 @@ def plan_bench(
     quick: bool = False,
     results_dir: Optional[Union[str, os.PathLike]] = None,
     work_dir: Optional[Union[str, os.PathLike]] = None,
+    profile_name: Optional[str] = None,
 ) -> BenchPlan:
-    """Resolve a spec into its cells (nothing is run or written)."""
+    """Resolve a spec into its cells (nothing is run or written). ``quick`` is the profile 'quick'
+    (results under work/, for CI); another profile's results go to results/<name>-<profile>."""
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
-    if quick and spec.quick is None:
-        raise PeftlabError(f"{spec_path}: quick: --quick needs a `quick:` section in the spec")
-    profile = spec.quick if quick else None
-    name = (spec.name or spec_path.stem) + ("-quick" if quick else "")
+    if quick and profile_name:
+        raise PeftlabError("command line: --quick and --profile: choose one")
+    profile_name = "quick" if quick else profile_name
+    profile = _profile(spec, spec_path, profile_name)
+    name = (spec.name or spec_path.stem) + (f"-{profile_name}" if profile_name else "")
     base = spec_path.parent
     results = Path(results_dir) if results_dir else (
-        Path(spec.results) if spec.results and not quick else
+        Path(spec.results) if spec.results and not profile_name else
         (base / "work" / name / "results" if quick else base / "results" / name)
     )
-    work = Path(work_dir) if work_dir else (Path(spec.work) if spec.work and not quick else base / "work" / name)
+    work = Path(work_dir) if work_dir else (Path(spec.work) if spec.work and not profile_name else base / "work" / name)
 
     common = list(DEFAULT_OVERRIDES) + [f"data.{k}={_yaml_value(v)}" for k, v in spec.data.items()]
     common += list(spec.overrides)
@@ -173,19 +176,32 @@ def plan_bench(
                 _resolve_cell(cell, f"{spec_path}: methods: '{entry.name}'")
                 cells.append(cell)
     if not cells:
-        raise PeftlabError(f"{spec_path}: the spec (profile {'quick' if quick else 'full'}) has no cells")
+        raise PeftlabError(f"{spec_path}: the spec (profile {profile_name or 'full'}) has no cells")
     ids = [c.id for c in cells]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise PeftlabError(f"{spec_path}: two cells would share the id '{dup[0]}'; rename a configuration")
     spec_dump = spec.model_dump(mode="json")
-    spec_hash = _hash({"spec": spec_dump, "profile": "quick" if quick else "full"})
-    command = f"peftlab bench {spec_path}" + (" --quick" if quick else "")
+    spec_hash = _hash({"spec": spec_dump, "profile": profile_name or "full"})
+    command = f"peftlab bench {spec_path}" + (" --quick" if quick else f" --profile {profile_name}" if profile_name else "")
     if results_dir:
         command += f" --results {results_dir}"
     if work_dir:
         command += f" --work {work_dir}"
-    return BenchPlan(spec, spec_path, "quick" if quick else "full", name, spec_hash, cells, results, work, command)
+    return BenchPlan(spec, spec_path, profile_name or "full", name, spec_hash, cells, results, work, command)
+
+
+def _profile(spec: Any, spec_path: Path, name: Optional[str]) -> Any:
+    if name is None:
+        return None
+    if name == "quick":
+        if spec.quick is None:
+            raise PeftlabError(f"{spec_path}: quick: --quick needs a `quick:` section in the spec")
+        return spec.quick
+    if name not in spec.profiles:
+        have = ", ".join(sorted(spec.profiles)) or "none"
+        raise PeftlabError(f"{spec_path}: profiles: no profile '{name}' (the spec has: {have})")
+    return spec.profiles[name]
 
 
 def _resolve_cell(cell: Cell, where: str) -> None:

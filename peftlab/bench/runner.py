@@ -191,6 +191,7 @@ def run_bench(
     list_only: bool = False,
     report: bool = True,
     allow_dirty: bool = False,
+    profile: Optional[str] = None,
     out: TextIO = sys.stderr,
 ) -> BenchSummary:
     """Run every cell of the spec that has no finished record, then write the report.
@@ -199,7 +200,7 @@ def run_bench(
     finished cells again from scratch (after a code change), replacing their records. Cells recorded
     into the repository's own results folder (the default) need a clean tree: a committed report must
     name the commit that reproduces it (``allow_dirty`` records them anyway, marked as such)."""
-    plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir)
+    plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir, profile_name=profile)
     summary = BenchSummary(plan)
     jsonl = plan.results_dir / RESULTS_FILE
 

@@ -53,7 +53,7 @@ class ConfigEntry(_Strict):
 
 
 class Profile(_Strict):
-    """A named variant of the spec (``--quick``): its keys replace or extend the spec's."""
+    """A named variant of the spec (``--quick``, ``--profile NAME``): its keys replace or extend the spec's."""
 
     seeds: Optional[list[int]] = Field(None, description="Seeds (replace the spec's; a configuration's own seeds win).")
     overrides: list[str] = Field(default_factory=list, description="Appended to every cell's overrides.")
@@ -81,6 +81,9 @@ class Spec(_Strict):
         None, description="A configuration the report divides every other's throughput and memory by (same run)."
     )
     quick: Optional[Profile] = Field(None, description="The --quick profile (few steps, one seed) for CI.")
+    profiles: dict[str, Profile] = Field(
+        default_factory=dict, description="Other named profiles, run with --profile NAME (e.g. gpu: a short run on CUDA)."
+    )
 
 
 def load_spec(path: Union[str, os.PathLike]) -> Spec:
