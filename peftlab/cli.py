@@ -152,7 +152,7 @@ def _validate(args: argparse.Namespace) -> int:
     summary = validate(recipe)
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
-    parts = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("recipe",))
+    parts = ", ".join(f"{k} {v}" for k, v in summary.items() if k != "recipe" and v is not None)
     print(f"ok: {summary['recipe']}: {parts}")
     return 0
 
