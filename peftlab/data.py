@@ -39,6 +39,10 @@ class Splits:
     test: Optional[list[dict]]
     notes: list[str] = field(default_factory=list)
 
+    def rows(self) -> list[dict]:
+        """Every example of every split (train, validation, then test)."""
+        return self.train + self.validation + (self.test or [])
+
 
 def _read_text(path: Path, key: str) -> str:
     if not path.exists():

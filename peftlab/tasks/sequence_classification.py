@@ -68,16 +68,16 @@ class SequenceClassification(Task):
     def load_splits(self):
         empty_ok = (self.data_cfg.label_column,) if self.problem == "multi_label" else ()
         splits = load_splits(self.data_cfg, self.columns, kind="text", may_be_empty=empty_ok)
-        every = splits.train + splits.validation + (splits.test or [])
-        check_text_rows(every, self.text_columns)
+        check_text_rows(splits.rows(), self.text_columns)
         {"single_label": self._single_labels, "multi_label": self._multi_labels,
          "regression": self._scores}[self.problem](splits)
         return splits
 
     def _single_labels(self, splits) -> None:
         col = self.data_cfg.label_column
-        check_labels(splits.train + splits.validation + (splits.test or []), col)
-        for ex in splits.train + splits.validation + (splits.test or []):
+        every = splits.rows()
+        check_labels(every, col)
+        for ex in every:
             ex[col] = str(ex[col])
         self.set_labels(sorted({ex[col] for ex in splits.train}))
         for name, rows in (("validation", splits.validation), ("test", splits.test or [])):
@@ -85,7 +85,7 @@ class SequenceClassification(Task):
 
     def _multi_labels(self, splits) -> None:
         col, sep = self.data_cfg.label_column, self.data_cfg.label_separator
-        for ex in splits.train + splits.validation + (splits.test or []):
+        for ex in splits.rows():
             value = ex[col]
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(sep) if v.strip()]
@@ -101,7 +101,7 @@ class SequenceClassification(Task):
 
     def _scores(self, splits) -> None:
         col = self.data_cfg.label_column
-        for ex in splits.train + splits.validation + (splits.test or []):
+        for ex in splits.rows():
             value = ex[col]
             try:
                 number = float(value) if not isinstance(value, bool) else math.nan

@@ -52,7 +52,7 @@ class TokenClassification(Task):
     def load_splits(self):
         splits = load_splits(self.data_cfg, self.columns, kind="tokens")
         tags_col = self.data_cfg.tags_column
-        check_token_rows(splits.train + splits.validation + (splits.test or []), *self.columns)
+        check_token_rows(splits.rows(), *self.columns)
         self.set_labels(sort_tags({t for ex in splits.train for t in ex[tags_col]}))
         known = set(self.labels)
         check_known_labels(splits.validation, tags_col, known, "validation", is_list=True)
