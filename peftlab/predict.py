@@ -301,36 +301,37 @@ def predict_entities(p: Predictor, texts: list[str], batch_size: int, advance: O
 def predict_labels(p: Predictor, texts: list[str], batch_size: int, advance: Optional[Callable[[int], None]],
                    top_k: int = 1) -> list[dict]:
     results: list[Optional[dict]] = [None] * len(texts)
+    problem = getattr(p.model.config, "problem_type", None)
+    threshold = _dev_threshold(p.path) if problem == "multi_label_classification" else None
     for idx in _batches(len(texts), batch_size, [len(t) for t in texts]):
         enc = p.tokenizer([texts[i] for i in idx], truncation=True, max_length=p.max_length, padding=True,
                           return_tensors="pt")
         logits = p.model(**{k: v.to(p.device) for k, v in enc.items()}).logits.float().cpu()
-        problem = getattr(p.model.config, "problem_type", None)
-        if problem in ("multi_label_classification", "regression"):
-            for row, i in enumerate(idx):
-                results[i] = _multi_or_score(p, texts[i], logits[row], problem)
-            if advance is not None:
-                advance(len(idx))
-            continue
-        probs = logits.softmax(-1)
         for row, i in enumerate(idx):
-            best = int(probs[row].argmax())
-            results[i] = {"text": texts[i], "label": p.labels[best], "probability": round(float(probs[row, best]), 6)}
-            if top_k > 1:
-                values, ids = probs[row].topk(min(top_k, probs.shape[-1]))
-                results[i]["top"] = [{"label": p.labels[int(j)], "probability": round(float(v), 6)}
-                                     for v, j in zip(values, ids)]
+            if problem in ("multi_label_classification", "regression"):
+                results[i] = _multi_or_score(p, texts[i], logits[row], threshold)
+            else:
+                results[i] = _single_label(p, texts[i], logits[row].softmax(-1), top_k)
         if advance is not None:
             advance(len(idx))
     return results  # type: ignore[return-value]
 
 
-def _multi_or_score(p: Predictor, text: str, logits: torch.Tensor, problem: str) -> dict:
-    """A regression head's score, or every label at or above the run's validation threshold."""
-    if problem == "regression":
+def _single_label(p: Predictor, text: str, probs: torch.Tensor, top_k: int) -> dict:
+    best = int(probs.argmax())
+    result = {"text": text, "label": p.labels[best], "probability": round(float(probs[best]), 6)}
+    if top_k > 1:
+        values, ids = probs.topk(min(top_k, probs.shape[-1]))
+        result["top"] = [{"label": p.labels[int(j)], "probability": round(float(v), 6)} for v, j in zip(values, ids)]
+    return result
+
+
+def _multi_or_score(p: Predictor, text: str, logits: torch.Tensor, threshold: Optional[float]) -> dict:
+    """A regression head's score (``threshold`` None), or every label at or above ``threshold``
+    (the run's validation threshold, multi-label)."""
+    if threshold is None:
         return {"text": text, "score": round(float(logits[0]), 6)}
     probs = logits.sigmoid().tolist()
-    threshold = _dev_threshold(p.path)
     return {"text": text, "labels": [p.labels[j] for j, v in enumerate(probs) if v >= threshold],
             "threshold": threshold, "probabilities": {p.labels[j]: round(v, 6) for j, v in enumerate(probs)}}
 
