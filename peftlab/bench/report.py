@@ -173,10 +173,11 @@ def bottom_line(s: Summary) -> list[str]:
                      f"({fast[1].mean:.1f} samples/s).")
     for c in comparisons(s):
         ratio, diff = c["samples_per_s_ratio"], c.get(f"test_{s.metric}_diff")
-        if ratio is not None and diff is not None:
-            parts.append(f"`{c['peftlab']}` vs the Trainer script: {diff:+.4f} test {s.metric} at {ratio:.2f}x its "
-                         f"samples/s and {c['peak_rss_ratio']:.2f}x its peak RSS." if c["peak_rss_ratio"] is not None
-                         else f"`{c['peftlab']}` vs the Trainer script: {diff:+.4f} test {s.metric}.")
+        if ratio is None or diff is None:
+            continue
+        peak = c["peak_rss_ratio"]
+        cost = f" at {ratio:.2f}x its samples/s and {peak:.2f}x its peak RSS" if peak is not None else ""
+        parts.append(f"`{c['peftlab']}` vs the Trainer script: {diff:+.4f} test {s.metric}{cost}.")
     return ["**Bottom line:** " + " ".join(parts), ""] if parts else []
 
 
