@@ -11,11 +11,11 @@ from ._version import __version__
 from .errors import PeftlabError
 
 # Imported on first use, so that `import peftlab` (and `peftlab --help`) does not import torch.
-_LAZY = {"available_methods": "api", "load_recipe": "api", "register_method": "api", "train": "api",
-         "validate": "api", "Method": "methods"}
+# (predict and bench are also submodules, whose import would replace such an attribute: peftlab.api has them)
+_LAZY = {**{name: "api" for name in ("available_methods", "export", "load_recipe", "merge", "register_method",
+                                     "report", "train", "validate")}, "Method": "methods"}
 
-__all__ = ["Method", "PeftlabError", "__version__", "available_methods", "load_recipe", "register_method",
-           "train", "validate"]
+__all__ = ["PeftlabError", "__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):

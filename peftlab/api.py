@@ -51,7 +51,7 @@ def validate(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, check
             train=len(splits.train),
             validation=len(splits.validation),
             test=len(splits.test) if splits.test is not None else 0,
-            labels=len(task.labels),
+            **({"labels": len(task.labels)} if task.has_labels else {}),
         )
     summary["backbone"] = resolve_backbone(r.backbone)
     check_max_length(r.backbone, r.data.max_length)

@@ -114,7 +114,7 @@ def build_parser(wanted: Optional[str] = None) -> argparse.ArgumentParser:
 # Subcommands whose arguments live in their own modules: (module, the line `peftlab --help` shows).
 # A module is imported only when its command runs, so that help and --version do not import torch.
 EXTRA_COMMANDS = {
-    "predict": ("predict", "predict with a run folder, an exported package or a merged checkpoint"),
+    "predict": ("predict_cli", "predict with a run folder, an exported package or a merged checkpoint"),
     "merge": ("deploy.cli", "merge a run into a plain transformers checkpoint (verified against the run)"),
     "export": ("deploy.cli", "package a run (any method) for `peftlab predict`: adapter weights + config + base reference"),
     "bench": ("bench.cli", "run a benchmark spec: one process per cell, results as JSONL + report"),

@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import PeftlabError
 from .recipe import DataConfig
@@ -174,7 +174,11 @@ def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
     else:
         path = Path(source).expanduser()
         fmt = _format_of(cfg, path)
-        if fmt == "conll":
+        if kind == "qa" and path.suffix.lower() == ".json" and cfg.format == "auto" or fmt == "squad":
+            rows = read_squad(path, key, columns)
+        elif kind == "qa" and fmt != "jsonl":
+            raise PeftlabError(f"data.{key}: question answering reads SQuAD JSON or JSONL, not {fmt}")
+        elif fmt == "conll":
             if kind != "tokens":
                 raise PeftlabError(f"data.{key}: CoNLL files hold token tags; this task needs text rows")
             rows = read_conll(path, key, notes)
@@ -187,6 +191,37 @@ def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
             rows = read_jsonl(path, columns, key)
     if not rows:
         raise PeftlabError(f"data.{key}: no examples in {source} (empty split)")
+    return rows
+
+
+def read_squad(path: Path, key: str, columns: list[str]) -> list[dict]:
+    """SQuAD JSON (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``): one row per
+    question, with ``columns`` = the recipe's (question, context, answers) names, plus ``id`` and
+    ``title``; ``answers`` is a list of ``{"text", "answer_start"}``."""
+    try:
+        doc = json.loads(_read_text(path, key))
+    except json.JSONDecodeError as exc:
+        raise PeftlabError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise PeftlabError(f"{path}: expected SQuAD JSON, an object whose 'data' is a list of articles")
+    q_col, c_col, a_col = columns[:3]
+    rows = []
+    for a, article in enumerate(doc["data"]):
+        title = article.get("title", f"article {a}") if isinstance(article, dict) else None
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise PeftlabError(f"{path}: data[{a}]: expected an article with a list of 'paragraphs'")
+        for p, para in enumerate(paragraphs):
+            where = f"{path}: data[{a}].paragraphs[{p}]"
+            if not isinstance(para, dict) or not isinstance(para.get("context"), str) or not isinstance(
+                    para.get("qas"), list):
+                raise PeftlabError(f"{where}: expected an object with a string 'context' and a list 'qas'")
+            for q, qa in enumerate(para["qas"]):
+                if not isinstance(qa, dict):
+                    raise PeftlabError(f"{where}.qas[{q}]: expected an object with 'question' and 'answers'")
+                rows.append({"id": str(qa.get("id", f"{a}-{p}-{q}")), "title": title, c_col: para["context"],
+                             q_col: qa.get("question"), a_col: qa.get("answers", []),
+                             "_where": f"{where}.qas[{q}] (id {qa.get('id', '?')})"})
     return rows
 
 
@@ -231,26 +266,39 @@ def _fixed_seed_subset(rows: list, n: int, seed: int) -> list:
     return [rows[i] for i in sorted(order[:n])]
 
 
-def load_splits(cfg: DataConfig, columns: list[str], kind: str, may_be_empty: tuple = ()) -> Splits:
-    """Read train/validation/test; carve a fixed-seed validation split when none is given."""
+def hold_out(train: list[dict], cfg: DataConfig, group: Optional[Callable[[dict], Any]] = None,
+             unit: str = "examples") -> tuple[list[dict], list[dict], str]:
+    """(train, validation, note): a fixed-seed fraction of train held out, whole groups at a time when
+    ``group`` is given (every question of one article, so that no context is in both)."""
+    keys = list(dict.fromkeys(group(ex) for ex in train)) if group else list(range(len(train)))
+    order = list(range(len(keys)))
+    random.Random(cfg.split_seed).shuffle(order)
+    n_val = max(1, round(len(keys) * cfg.validation_split))
+    if n_val >= len(keys):
+        raise PeftlabError(f"data.validation_split: holding out {n_val} of {len(keys)} training {unit} leaves "
+                           f"none to train on")
+    held = {keys[i] for i in order[:n_val]}
+    key_of = group or (lambda ex: None)
+    is_held = [(key_of(ex) if group else i) in held for i, ex in enumerate(train)]
+    validation = [ex for ex, h in zip(train, is_held) if h]
+    rest = [ex for ex, h in zip(train, is_held) if not h]
+    whole = f" ({n_val} whole {unit})" if group else ""
+    note = (f"validation: {len(validation)} examples{whole} held out of train "
+            f"(fraction {cfg.validation_split}, seed {cfg.split_seed})")
+    return rest, validation, note
+
+
+def load_splits(cfg: DataConfig, columns: list[str], kind: str, may_be_empty: tuple = (),
+                group: Optional[Callable[[dict], Any]] = None, unit: str = "examples") -> Splits:
+    """Read train/validation/test; carve a fixed-seed validation split when none is given (whole
+    ``group``s of examples at a time when given; ``unit`` names them)."""
     notes = []
     train = read_split(cfg, "train", columns, kind, notes, may_be_empty)
     if cfg.validation is not None:
         validation = read_split(cfg, "validation", columns, kind, notes, may_be_empty)
     else:
-        order = list(range(len(train)))
-        random.Random(cfg.split_seed).shuffle(order)
-        n_val = max(1, round(len(train) * cfg.validation_split))
-        if n_val >= len(train):
-            raise PeftlabError(
-                f"data.validation_split: holding out {n_val} of {len(train)} training examples leaves none to train on"
-            )
-        held = set(order[:n_val])
-        validation = [train[i] for i in sorted(held)]
-        train = [train[i] for i in range(len(train)) if i not in held]
-        notes.append(
-            f"validation: {len(validation)} examples held out of train (fraction {cfg.validation_split}, seed {cfg.split_seed})"
-        )
+        train, validation, note = hold_out(train, cfg, group, unit)
+        notes.append(note)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         train = _fixed_seed_subset(train, cfg.max_train_samples, cfg.split_seed + 1)
         notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")

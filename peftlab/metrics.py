@@ -1,5 +1,6 @@
 """Scores computed in peftlab: entity-level precision/recall/F1 as seqeval's default mode computes
 them, macro-F1 and multi-label F1 as scikit-learn's ``f1_score``, Pearson and Spearman as SciPy's.
+SQuAD v1.1 exact match and token F1 as its official evaluation script computes them.
 
 Both libraries import scikit-learn, SciPy and pandas, about 150 MiB resident in every training process
 that evaluates; these few lines do the same arithmetic (tests/test_metrics.py checks them against
@@ -9,6 +10,8 @@ seqeval, scikit-learn and SciPy on random inputs, IOBES and malformed tags inclu
 from __future__ import annotations
 
 import math
+import re
+import string
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -124,3 +127,33 @@ def _ranks(values: Sequence[float]) -> list[float]:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rho: Pearson's r of the (tie-averaged) ranks."""
     return pearson(_ranks(x), _ranks(y))
+
+
+# SQuAD v1.1's official evaluation script (evaluate-v1.1.py), the same arithmetic.
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_f1(prediction: str, truth: str) -> float:
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Exact match and token F1 in percent, each the max over a question's reference answers."""
+    if not predictions:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = sum(max(float(normalize_answer(p) == normalize_answer(r)) for r in refs)
+             for p, refs in zip(predictions, references))
+    f1 = sum(max(answer_f1(p, r) for r in refs) for p, refs in zip(predictions, references))
+    return {"exact_match": 100.0 * em / len(predictions), "f1": 100.0 * f1 / len(predictions)}

@@ -18,13 +18,14 @@ What comes out depends on the task (one dict per input text, in input order):
 * ``sequence_classification``: ``{"text", "label", "probability"}`` (plus ``top`` with ``top_k > 1``).
 * ``causal_lm``: ``{"text", "completion"}`` (greedy, the task's own ``generate``; the recipe's
   prompt template applies when the folder carries the recipe).
+* ``question_answering``: ``{"question", "answer", "start", "end", "score"}`` (``start``/``end``: the
+  answer's characters in the context), from the task's own ``predict_rows``.
 * further tasks register ``fn(predictor, texts, batch_size, advance)`` with :func:`register_predictor`;
   ``_PREDICTORS`` is the dispatch point by task.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -192,10 +193,12 @@ def predict(
 ) -> list[dict]:
     """Predictions for ``texts`` (one dict per text, in order) from a folder or a loaded Predictor."""
     predictor = model if isinstance(model, Predictor) else load_predictor(model, device=device)
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = [texts] if isinstance(texts, (str, dict)) else list(texts)
     if batch_size < 1:
         raise PeftlabError("--batch-size: expected a positive number")
-    fn = _PREDICTORS.get(predictor.task)
+    fn = _PREDICTORS.get(predictor.task) or _task_predictor(predictor)
+    if predictor.task in _PREDICTORS and any(isinstance(t, dict) for t in texts):
+        raise PeftlabError(f"{predictor.path}: task {predictor.task} predicts texts, not question/context pairs")
     if fn is None:
         raise PeftlabError(
             f"{predictor.path}: predict does not support task '{predictor.task}' yet "
@@ -360,15 +363,8 @@ def predict_completions(p: Predictor, texts: list[str], batch_size: int,
     recipe's prompt template (and chat template) as in training; a bare causal LM checkpoint takes
     each text as the finished prompt.
     """
-    task = p.extra.get("task")
-    templated = task is not None
-    if task is None:
-        from .recipe import recipe_from_dict
-        from .tasks import get_task_class
-
-        recipe = recipe_from_dict({"backbone": {"name": str(p.path)}, "task": "causal_lm",
-                                   "data": {"train": "-"}, "method": {"name": "full"}}, source=str(p.path))
-        task = get_task_class("causal_lm")(recipe)
+    templated = p.extra.get("task") is not None
+    task = _task_of(p)
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
@@ -379,97 +375,24 @@ def predict_completions(p: Predictor, texts: list[str], batch_size: int,
     return out
 
 
-# ----------------------------------------------------------------------------------------- input
+def _task_predictor(p: Predictor) -> Optional[PredictFn]:
+    """The predict function of a task that predicts by itself (``Task.predict_rows``)."""
+    task = _task_of(p)
+    if not hasattr(task, "predict_rows"):
+        return None
+    return lambda p, items, size, advance: task.predict_rows(p.model, p.tokenizer, items, size, p.device, advance)
 
 
-def read_inputs(path: PathLike, text_field: str = "text") -> list[str]:
-    """Texts from a file: JSONL (one object per line with ``text_field``) or one text per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"--input: file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
-    except UnicodeDecodeError:
-        raise PeftlabError(f"--input: {path} is not UTF-8 text") from None
-    first = next((line for line in lines if line.strip()), "")
-    jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or first.lstrip().startswith("{")
-    texts = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            texts.append(line)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PeftlabError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise PeftlabError(f"{path}:{lineno}: expected an object with a string '{text_field}' (found {keys}); "
-                               f"set --text-field")
-        texts.append(obj[text_field])
-    if not texts:
-        raise PeftlabError(f"--input: no texts in {path}")
-    return texts
+def _task_of(p: Predictor) -> Any:
+    """The task object of the folder (a run's, or a merged checkpoint's peftlab_merge.json), else the
+    task's defaults for a bare checkpoint (inputs up to its own length limit)."""
+    if p.extra.get("task") is not None:
+        return p.extra["task"]
+    from .recipe import recipe_from_dict
+    from .tasks import get_task_class
 
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def add_commands(sub: Any, command: Callable) -> None:
-    """Register ``peftlab predict`` (called by peftlab.cli)."""
-    p = sub.add_parser(
-        "predict",
-        description="NER: one JSON line per text with its entities (text, type, start, end, score). "
-        "Classification: one JSON line per text with the label and its probability.",
-    )
-    p.add_argument("model_dir", help="run folder, `peftlab export` folder or merged checkpoint")
-    p.add_argument("texts", nargs="*", help="texts to predict (or use --input)")
-    p.add_argument("--input", help="file: one text per line, or JSONL with a text field")
-    p.add_argument("--text-field", default="text", help="JSONL key of the text (default: text)")
-    p.add_argument("--output", help="write the JSON lines to this file (atomically) instead of stdout")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=1, help="classification: also list the k most likely labels")
-    command("predict")(_predict_cmd)
-
-
-def _predict_cmd(args: argparse.Namespace) -> int:
-    texts = list(args.texts)
-    if args.input:
-        texts += read_inputs(args.input, args.text_field)
-    if not texts:
-        raise PeftlabError("command line: give texts to predict or --input FILE (see `peftlab predict --help`)")
-    if args.top_k < 1:
-        raise PeftlabError("--top-k: expected a positive number")
-    if args.batch_size < 1:
-        raise PeftlabError("--batch-size: expected a positive number")
-    if args.output and Path(args.output).is_dir():
-        raise PeftlabError(f"--output: {args.output} is a folder; expected the path of a file to write")
-    predictor = load_predictor(args.model_dir)
-    if predictor.task == "sequence_classification" and args.top_k > 1:
-        rows = _with_top_k(predictor, texts, args)
-    else:
-        rows = predict(predictor, texts, batch_size=args.batch_size, progress=bool(args.input))
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if args.output:
-        from .atomicio import write_text
-
-        write_text(args.output, lines)
-        print(f"predict: {len(rows)} prediction(s) written to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(lines)
-    return 0
-
-
-def _with_top_k(predictor: Predictor, texts: list[str], args: argparse.Namespace) -> list[dict]:
-    bar = None
-    if args.input:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts), desc="predict", unit="text", file=sys.stderr, dynamic_ncols=True)
-    try:
-        return predict_labels(predictor, texts, args.batch_size, bar.update if bar else None, top_k=args.top_k)
-    finally:
-        if bar is not None:
-            bar.close()
+    cls = get_task_class(p.task)
+    data = {"train": "-", **({"max_length": min(384, p.max_length)} if hasattr(cls, "predict_rows") else {})}
+    recipe = recipe_from_dict({"backbone": {"name": str(p.path)}, "task": p.task, "method": {"name": "full"},
+                               "data": data}, source=str(p.path))
+    return cls(recipe)

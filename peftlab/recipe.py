@@ -190,7 +190,9 @@ class OutputConfig(StrictModel):
 class Recipe(StrictModel):
     description: Optional[str] = Field(None, description="Free text, kept in the run's recipe.yaml.")
     backbone: BackboneConfig
-    task: str = Field(description="token_classification | sequence_classification | causal_lm.")
+    task: str = Field(description="A registered task (see `peftlab tasks`).")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="The task's own options (see each task below).")
     data: DataConfig
     method: MethodSpec
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -253,8 +255,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[tuple[str, ...], Any, st
 
 
 def _check_override_key(path: tuple[str, ...], item: str) -> None:
-    if path[0] == "method" and len(path) >= 2:
-        return  # method options are checked against the method plugin
+    if path[0] in ("method", "task_options") and len(path) >= 2:
+        return  # method and task options are checked against the plugin's own Options
     valid = list(Recipe.model_fields)
     for depth, part in enumerate(path):
         fields = fields_at(Recipe, path[:depth]) if depth else valid
@@ -324,9 +326,15 @@ def recipe_from_dict(
     recipe._source = source
 
     try:
-        TASKS.get(recipe.task)
+        task_cls = TASKS.get(recipe.task)
     except PeftlabError as exc:
         raise PeftlabError(f"{where_from(('task',), source, text, overrides)}: task: {exc}") from None
+    try:
+        task_options = task_cls.Options.model_validate(recipe.task_options)
+    except ValidationError as err:
+        raise PeftlabError(format_validation_error(err, model=task_cls.Options, prefix=("task_options",),
+                                                   **errors)) from None
+    recipe.task_options = task_options.model_dump(mode="json")
     try:
         method_cls = METHODS.get(recipe.method.name)
     except PeftlabError as exc:

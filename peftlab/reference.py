@@ -56,6 +56,10 @@ def describe_schema() -> str:
         out.append(f"{name}:")
         out.extend(_describe_model(Recipe.model_fields[name].annotation))
     out.append(f"task: one of {', '.join(TASKS.available())}  (required)")
+    out.append("task_options:  The task's own keys:")
+    for name, cls in TASKS.available().items():
+        out.append(f"  # task = {name}: {cls.description}")
+        out.extend(_describe_model(cls.Options, "    ") or ["    (none)"])
     out.append("method:")
     out.append("  name: str  (required)  One of the methods below; the other keys are its options.")
     for name, cls in METHODS.available().items():

@@ -162,4 +162,5 @@ class Registry:
 
 METHODS = Registry("method", "peftlab.methods", builtins=("full", "head", "lora"),
                    optional=("adapter", "prefix", "peft_tuner"))
-TASKS = Registry("task", "peftlab.tasks", builtins=("sequence_classification", "token_classification", "causal_lm"))
+TASKS = Registry("task", "peftlab.tasks",
+                 builtins=("sequence_classification", "token_classification", "question_answering", "causal_lm"))

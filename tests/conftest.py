@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -101,6 +102,19 @@ def banking_small(tmp_path_factory) -> dict:
             w.writeheader()
             w.writerows(picked)
         files[key] = str(path)
+    return files
+
+
+@pytest.fixture(scope="session")
+def squad_small(tmp_path_factory) -> dict:
+    """6 articles x 4 paragraphs of SQuAD train (about 140 questions); 3 x 2 of test."""
+    out = tmp_path_factory.mktemp("squad-small")
+    files = {}
+    for key, name, n_articles, n_paras in (("train", "train.json", 6, 4), ("test", "test.json", 3, 2)):
+        doc = json.loads((DATA / "squad11" / name).read_text(encoding="utf-8"))
+        small = {"data": [{"title": a["title"], "paragraphs": a["paragraphs"][:n_paras]} for a in doc["data"][:n_articles]]}
+        (out / name).write_text(json.dumps(small), encoding="utf-8")
+        files[key] = str(out / name)
     return files
 
 

@@ -12,7 +12,8 @@ from conftest import cls_recipe, ner_recipe
 from peftlab import cli
 from peftlab.errors import PeftlabError
 from peftlab.deploy import merge
-from peftlab.predict import load_predictor, predict, read_inputs, split_words, tag_spans
+from peftlab.predict import load_predictor, predict, split_words, tag_spans
+from peftlab.predict_cli import read_inputs
 
 
 def read_sentences(path: str, n: int) -> list[str]:

@@ -135,7 +135,7 @@ def _usage(task: str, name: str) -> list[str]:
     from ..tasks import get_task_class
 
     return ["```python", *get_task_class(task).usage_code(name), "```", "",
-            "or with peftlab: `peftlab predict " + name + ' "some text"`']
+            f"or with peftlab: `{get_task_class(task).predict_command(name)}`"]
 
 
 def _run_sections(recipe: Any, metrics_json: dict, params_json: dict, report: dict) -> list[str]:
@@ -222,13 +222,13 @@ def export_card(run: Any, info: dict, report: dict) -> str:
         "## Usage",
         "",
         "```bash",
-        'peftlab predict PATH/TO/THIS/FOLDER "some text"',
-        "peftlab predict PATH/TO/THIS/FOLDER --input texts.txt",
+        run.task.predict_command("PATH/TO/THIS/FOLDER"),
+        f"peftlab predict PATH/TO/THIS/FOLDER --input {run.task.input_file}",
         "```",
         "",
         "```python",
-        "import peftlab",
-        'print(peftlab.predict("PATH/TO/THIS/FOLDER", ["some text"]))',
+        "from peftlab.api import predict",
+        f'print(predict("PATH/TO/THIS/FOLDER", [{run.task.predict_input()}]))',
         "```",
         "",
         *_run_sections(recipe, metrics_json, params_json, {}),

@@ -63,8 +63,11 @@ def merge_kind(quantization: str, run_dtype: str, out_dtype: str, quantized_base
     return "exact"
 
 
+TARGET_KEYS = ("labels", "start_positions", "end_positions")  # training targets, not inputs
+
+
 def _model_inputs(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if not k.startswith("_") and k != "labels"}
+    return {k: v.to(device) for k, v in batch.items() if not k.startswith("_") and k not in TARGET_KEYS}
 
 
 @torch.no_grad()
@@ -73,7 +76,8 @@ def compare_models(reference: Any, candidate: Any, task: Any, tokenizer: Any, ex
     """Δlogit statistics and prediction agreement of two models on ``examples``.
 
     Δ is taken over every non-padding position (token tasks) or example (sequence tasks); agreement
-    over the positions the task predicts (first sub-tokens for NER, one per text for classification).
+    over the positions the task predicts (first sub-tokens for NER, one per text for classification,
+    the answer's start and end token for question answering), for each of ``task.output_logits``.
     """
 
     encoded = task.encode(examples, tokenizer, "validation")
@@ -83,32 +87,16 @@ def compare_models(reference: Any, candidate: Any, task: Any, tokenizer: Any, ex
     max_abs, sum_abs, n_values, agree, n_pred = 0.0, 0.0, 0, 0, 0
     for batch in dl:
         inputs = _model_inputs(batch, device)
-        a = reference(**inputs).logits.float()
-        b = candidate(**inputs).logits.float()
-        if a.shape != b.shape:
-            raise VerificationError(
-                f"verification: logits of shape {tuple(b.shape)} from the merged model, {tuple(a.shape)} from the run"
-            )
-        if a.dim() == 3:  # per token
-            mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
-            labels = batch.get("labels")
-            if isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(a.shape[:2]):
-                pred_mask = (labels != -100).to(a.device)
-            else:
-                pred_mask = mask
-            diff = (a - b).abs()[mask]
-            agree += int((a.argmax(-1) == b.argmax(-1))[pred_mask].sum())
-            n_pred += int(pred_mask.sum())
-        else:
-            diff = (a - b).abs()
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            n_pred += a.shape[0]
-        if not torch.isfinite(diff).all():
-            max_abs = math.inf
-        elif diff.numel():
-            max_abs = max(max_abs, float(diff.max()))
-        sum_abs += float(diff.double().sum())
-        n_values += diff.numel()
+        ref_out, new_out = task.output_logits(reference(**inputs)), task.output_logits(candidate(**inputs))
+        for name, a in ref_out.items():
+            diff, same, n = _compare_logits(name, a.float(), new_out[name].float(), inputs, batch)
+            agree, n_pred = agree + same, n_pred + n
+            if not torch.isfinite(diff).all():
+                max_abs = math.inf
+            elif diff.numel():
+                max_abs = max(max_abs, float(diff.max()))
+            sum_abs += float(diff.double().sum())
+            n_values += diff.numel()
     return {
         "examples": len(examples),
         "logit_values": n_values,
@@ -117,6 +105,21 @@ def compare_models(reference: Any, candidate: Any, task: Any, tokenizer: Any, ex
         "mean_abs_logit_diff": sum_abs / n_values if n_values else 0.0,
         "agreement": agree / n_pred if n_pred else 1.0,
     }
+
+
+def _compare_logits(name: str, a: torch.Tensor, b: torch.Tensor, inputs: dict, batch: dict) -> tuple:
+    """|a - b| over the compared values, and how many argmax predictions agree out of how many."""
+    if a.shape != b.shape:
+        raise VerificationError(
+            f"verification: {name} of shape {tuple(b.shape)} from the merged model, {tuple(a.shape)} from the run")
+    if a.dim() != 3:  # one prediction per example (over classes, or over positions for span heads)
+        return (a - b).abs(), int((a.argmax(-1) == b.argmax(-1)).sum()), a.shape[0]
+    mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(
+        a.shape[:2], dtype=torch.bool, device=a.device)
+    labels = batch.get("labels")
+    pred_mask = (labels != -100).to(a.device) if isinstance(labels, torch.Tensor) and tuple(
+        labels.shape) == tuple(a.shape[:2]) else mask
+    return (a - b).abs()[mask], int((a.argmax(-1) == b.argmax(-1))[pred_mask].sum()), int(pred_mask.sum())
 
 
 def task_metrics(model: Any, task: Any, tokenizer: Any, examples: list[dict], batch_size: int = 32) -> dict:

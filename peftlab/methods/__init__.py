@@ -17,6 +17,7 @@ Register a built-in in one line with ``@register_method`` (and its module's name
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
@@ -143,6 +144,17 @@ def check_modules_to_save(model: Any, names: Any) -> list[Any]:
                     )
             found.append(modules[name])
     return found
+
+
+def pass_all_inputs(model: Any) -> Any:
+    """peft's ``PeftModelForQuestionAnswering.forward`` (0.21) drops ``token_type_ids`` and
+    ``position_ids``: a BERT trained through it never sees which tokens are the context, and its merged
+    checkpoint (which does) answers differently. The base ``PeftModel.forward`` passes every input on."""
+    from peft import PeftModel, PeftModelForQuestionAnswering
+
+    if isinstance(model, PeftModelForQuestionAnswering) and not model.active_peft_config.is_prompt_learning:
+        model.forward = types.MethodType(PeftModel.forward, model)
+    return model
 
 
 def merge_peft_model(model: Any) -> Any:

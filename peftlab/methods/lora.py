@@ -7,7 +7,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method
+from . import (Method, MethodContext, check_modules_to_save, merge_peft_model, pass_all_inputs, prepare_quantized,
+               register_method)
 
 class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +61,7 @@ class Lora(Method):
 
         check_modules_to_save(model, self.options.modules_to_save)
         model = prepare_quantized(model, ctx)
-        return self._install_fast_path(get_peft_model(model, self.peft_config(ctx)))
+        return self._install_fast_path(pass_all_inputs(get_peft_model(model, self.peft_config(ctx))))
 
     def _install_fast_path(self, model: Any) -> Any:
         if self.options.fast_path:
@@ -75,7 +76,8 @@ class Lora(Method):
     def load(self, folder: Path, ctx: MethodContext) -> Any:
         from peft import PeftModel
 
-        return self._install_fast_path(PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False))
+        model = PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False)
+        return self._install_fast_path(pass_all_inputs(model))
 
     def merge(self, model: Any) -> Any:
         return merge_peft_model(model)

@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from ..errors import PeftlabError
 from ..registry import TASKS
 from ..validation import yaml_line
-from . import Method, MethodContext, check_modules_to_save, merge_peft_model, prepare_quantized, register_method, register_unavailable
+from . import (Method, MethodContext, check_modules_to_save, merge_peft_model, pass_all_inputs, prepare_quantized,
+               register_method, register_unavailable)
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ class PeftTuner(Method, metaclass=_LazyOptions):
         check_modules_to_save(model, getattr(self.options, "modules_to_save", None))
         model = prepare_quantized(model, ctx)
         try:
-            return get_peft_model(model, config)
+            return pass_all_inputs(get_peft_model(model, config))
         except (ValueError, TypeError, KeyError, RuntimeError, AssertionError, NotImplementedError) as exc:
             model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
             raise PeftlabError(self._explain(exc, self.options, model_type=model_type)) from None
@@ -296,7 +297,7 @@ class PeftTuner(Method, metaclass=_LazyOptions):
     def load(self, folder: Path, ctx: MethodContext) -> Any:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False)
+        return pass_all_inputs(PeftModel.from_pretrained(ctx.load_base(), str(folder), is_trainable=False))
 
     def merge(self, model: Any) -> Any:
         if not self.can_merge:

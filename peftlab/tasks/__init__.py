@@ -11,9 +11,16 @@ import math
 from typing import Any, ClassVar, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from ..errors import PeftlabError
 from ..registry import TASKS
+
+
+class NoOptions(BaseModel):
+    """A task's own recipe keys (``task_options:``); a task without any accepts none."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 class Task:
     """Base class. Subclasses set the class attributes and implement the methods below; everything
@@ -28,6 +35,8 @@ class Task:
     peft_task_type: ClassVar[Optional[str]] = None  # peft's TaskType for this head (TOKEN_CLS, ...)
     pipeline_tag: ClassVar[Optional[str]] = None  # the transformers pipeline of a merged checkpoint
     has_labels: ClassVar[bool] = True  # a label set (config id2label) that the head predicts
+    Options: ClassVar[type[BaseModel]] = NoOptions  # validates the recipe's task_options
+    input_file: ClassVar[str] = "texts.txt"  # an example `peftlab predict --input` file name (cards)
 
     @classmethod
     def architecture(cls) -> str:
@@ -41,9 +50,20 @@ class Task:
                 f'model = pipeline("{cls.pipeline_tag}", model="{name}")'] if cls.pipeline_tag else [
             f"from transformers import {cls.auto_model}", "", f'model = {cls.auto_model}.from_pretrained("{name}")']
 
+    @classmethod
+    def predict_command(cls, name: str) -> str:
+        """A ``peftlab predict`` command line for the folder ``name`` (cards)."""
+        return f'peftlab predict {name} "some text"'
+
+    @classmethod
+    def predict_input(cls) -> str:
+        """One input of ``peftlab.api.predict(folder, [...])`` as Python source (cards)."""
+        return '"some text"'
+
     def __init__(self, recipe: Any):
         self.recipe = recipe
         self.data_cfg = recipe.data
+        self.options = self.Options.model_validate(getattr(recipe, "task_options", None) or {})
         self.labels: list[str] = []
 
     # -- data -------------------------------------------------------------------------------------
@@ -89,6 +109,12 @@ class Task:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: "EncodedSplit") -> dict:
         raise NotImplementedError
+
+    def output_logits(self, outputs: Any) -> dict[str, torch.Tensor]:
+        """The logits a merged checkpoint must reproduce, by name: (batch, classes) for a sequence
+        head, (batch, positions, classes) for a token head. Verification compares each and the
+        argmax over its last dimension."""
+        return {"logits": outputs.logits}
 
     def use_dev_metrics(self, dev: dict) -> None:
         """Before the test evaluation: the best model's validation metrics (a task that chooses

@@ -144,8 +144,9 @@ class FineTuneRecipe:
             log.info("%s", mmap_note)
         for note in splits.notes:
             log.info("data: %s", note)
-        log.info("data: %d train / %d validation / %s test examples, %d labels", len(splits.train),
-                 len(splits.validation), len(splits.test) if splits.test else "no", len(self.task.labels))
+        labels = f", {len(self.task.labels)} labels" if self.task.has_labels else ""
+        log.info("data: %d train / %d validation / %s test examples%s", len(splits.train),
+                 len(splits.validation), len(splits.test) if splits.test else "no", labels)
         log.info("params: %s trainable of %s (%.3f%%; without the head %s = %.3f%%)",
                  f"{p['trainable_params']:,}", f"{p['total_params']:,}", p["trainable_pct"],
                  f"{p['trainable_params_without_head']:,}", p["trainable_pct_without_head"])
