@@ -400,6 +400,14 @@ def keep_4bit_layout(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def load_task_model(backbone: Any, task: Any, kwargs: dict, path: Optional[str] = None,
+                    device: Optional[torch.device] = None) -> Any:
+    """``path`` (default: the backbone) loaded with the task's Auto class, then made the task's model by
+    ``task.prepare_model`` (a head transformers lacks, such as a CRF)."""
+    path = path or resolve_backbone(backbone)
+    return task.prepare_model(load_model(backbone, task.auto_model, kwargs, path=path, device=device), path)
+
+
 def find_head_names(model: Any) -> list[str]:
     """Top-level task-head module names of a transformers model (``classifier``, ``score``, ...)."""
     base = model

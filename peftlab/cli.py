@@ -106,6 +106,7 @@ def build_parser(wanted: Optional[str] = None) -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print every recipe key with its type, default and meaning")
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--json", action="store_true")
+    sub.add_parser("tasks", help="list the registered tasks, their metrics and task_options")
     sub.add_parser("backbones", help="list the packaged (offline) backbones")
     _add_extra_commands(sub, wanted)
     return p
@@ -181,6 +182,18 @@ def _methods(args: argparse.Namespace) -> int:
         merges = "yes" if r["merges"] else "no"
         quant = "yes" if r["quantization"] else "no"
         print(f"{r['name']:<{width}}  {merges:<6}  {quant:<9}  {r['description']}")
+    return 0
+
+
+@command("tasks")
+def _tasks(args: argparse.Namespace) -> int:
+    from .registry import TASKS
+
+    for problem in TASKS.problems():
+        print(f"peftlab: warning: {problem}", file=sys.stderr)
+    for name, cls in TASKS.available().items():
+        options = ", ".join(f"{k}={f.default!r}" for k, f in cls.Options.model_fields.items()) or "none"
+        print(f"{name}\n    {cls.description}\n    metrics: {', '.join(cls.metrics)}; task_options: {options}")
     return 0
 
 

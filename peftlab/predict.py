@@ -150,10 +150,13 @@ def load_predictor(path: PathLike, device: Optional[torch.device] = None) -> Pre
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         extra = _merged_task(path, task)
-        model.to(device)
-        model.eval()
         id2label = getattr(config, "id2label", None) or {}
         labels = [id2label[i] for i in range(len(id2label))] if task_cls.has_labels else []
+        if extra.get("task") is not None:  # a head transformers lacks (a CRF) is the task's to install
+            extra["task"].set_labels(labels)
+            model = extra["task"].prepare_model(model, str(path))
+        model.to(device)
+        model.eval()
         return Predictor(task, model, tokenizer, labels, "merged", path, device, _max_length(model, tokenizer), extra)
     raise PeftlabError(
         f"{path}: not a run folder, an exported package or a merged checkpoint "
@@ -269,8 +272,7 @@ def predict_entities(p: Predictor, texts: list[str], batch_size: int, advance: O
                 max_length=p.max_length, padding=True, return_tensors="pt",
             )
             inputs = {k: v.to(p.device) for k, v in enc.items()}
-            probs = p.model(**inputs).logits.float().softmax(-1).cpu()
-            best_p, best_id = probs.max(-1)
+            best_p, best_id = _tags_and_scores(p, p.model(**inputs).logits.float(), enc)
             for row, i in enumerate(todo):
                 n_words = len(words[i])
                 tags, scores = ["O"] * n_words, [0.0] * n_words
@@ -294,6 +296,27 @@ def predict_entities(p: Predictor, texts: list[str], batch_size: int, advance: O
         if advance is not None:
             advance(len(idx))
     return results  # type: ignore[return-value]
+
+
+def _tags_and_scores(p: Predictor, logits: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: the predicted tag id and its probability. A CRF head (``task_options.head: crf``)
+    decodes each sentence's first sub-tokens with Viterbi; the score is the emission probability."""
+    probs = logits.softmax(-1).cpu()
+    task = p.extra.get("task")
+    if task is None or not getattr(task, "crf", False):
+        best_p, best_id = probs.max(-1)
+        return best_p, best_id
+    from .tasks.crf import CRFClassifier
+
+    first = torch.full(logits.shape[:2], -100, dtype=torch.long)
+    for row in range(logits.shape[0]):
+        seen: set = set()
+        for pos, w in enumerate(enc.word_ids(row)):
+            if w is not None and w not in seen:
+                first[row, pos] = 0
+                seen.add(w)
+    best_id = task.decode(CRFClassifier.last, logits, first.to(logits.device)).clamp(min=0).cpu()
+    return probs.gather(-1, best_id[..., None]).squeeze(-1), best_id
 
 
 # ------------------------------------------------------------------------------- classification
@@ -340,14 +363,17 @@ def _multi_or_score(p: Predictor, text: str, logits: torch.Tensor, threshold: Op
 
 
 def _dev_threshold(path: Path) -> float:
-    """The multi-label decision threshold chosen on validation (a run's metrics.json); 0.5 without one."""
+    """The multi-label decision threshold chosen on validation: a run's or an export's metrics.json,
+    or the threshold a merged checkpoint carries in peftlab_merge.json; 0.5 without one."""
+    from .deploy.merge import MERGE_FILE
     from .util import read_json_or_none
 
-    for candidate in (path / "metrics.json", path.parent / "metrics.json"):
-        data = read_json_or_none(candidate)
-        dev = data.get("dev") if isinstance(data, dict) else None
-        if isinstance(dev, dict) and isinstance(dev.get("threshold"), (int, float)):
-            return float(dev["threshold"])
+    metrics = read_json_or_none(path / "metrics.json")
+    dev = metrics.get("dev") if isinstance(metrics, dict) else None
+    merged = read_json_or_none(path / MERGE_FILE)
+    for value in ((dev or {}).get("threshold"), (merged or {}).get("threshold") if isinstance(merged, dict) else None):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     return 0.5
 
 

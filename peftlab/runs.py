@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from .backbones import (PICKLE_SUFFIXES, find_head_names, load_model, load_tokenizer, resolve_backbone,
+from .backbones import (PICKLE_SUFFIXES, find_head_names, load_task_model, load_tokenizer, resolve_backbone,
                         safetensors_problem)
 from .atomicio import atomic_dir, write_json
 from .checkpoint import latest_checkpoint
@@ -72,7 +72,7 @@ def build_model(recipe: Recipe, task: Any, tokenizer: Any = None, device: Option
         kwargs["pad_token_id"] = tokenizer.pad_token_id
 
     def load_base() -> Any:
-        return load_model(recipe.backbone, task.auto_model, kwargs, path=path, device=device)
+        return load_task_model(recipe.backbone, task, kwargs, path=path, device=device)
 
     base = load_base()
     head_names = find_head_names(base)
@@ -170,7 +170,7 @@ def load_run(run_dir: str | Path, device: Optional[torch.device] = None) -> Load
         kwargs["pad_token_id"] = tokenizer.pad_token_id
 
     def load_base() -> Any:
-        return load_model(recipe.backbone, task.auto_model, kwargs, path=path, device=device)
+        return load_task_model(recipe.backbone, task, kwargs, path=path, device=device)
 
     probe_heads = info.get("head_names")
     ctx = MethodContext(task=task, backbone=recipe.backbone, head_names=probe_heads or [], load_base=load_base)

@@ -181,10 +181,17 @@ def test_validation_is_held_out_by_whole_articles(tiny_bert, tmp_path, squad_sma
 # --------------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "target_modules": "all-linear"},
-                                    {"name": "adapter", "reduction_factor": 4}, {"name": "head"}])
-def test_methods_train_on_squad_and_report_exact_match_and_f1(tiny_bert, tmp_path, squad_small, method):
-    metrics = peftlab.train(qa_recipe(tiny_bert, squad_small, tmp_path / "run", method))
+METHODS = [({"name": "full"}, "none"), ({"name": "lora", "r": 4, "target_modules": "all-linear"}, "none"),
+           ({"name": "adapter", "reduction_factor": 4}, "none"), ({"name": "head"}, "none"),
+           ({"name": "prefix", "num_virtual_tokens": 4}, "none"), ({"name": "ia3"}, "none"),
+           ({"name": "lora", "r": 4, "target_modules": "all-linear"}, "nf4")]
+
+
+@pytest.mark.parametrize("method,quantization", METHODS, ids=[f"{m['name']}-{q}" for m, q in METHODS])
+def test_methods_train_on_squad_and_report_exact_match_and_f1(tiny_bert, tmp_path, squad_small, method, quantization):
+    recipe = qa_recipe(tiny_bert, squad_small, tmp_path / "run", method)
+    recipe["backbone"]["quantization"] = quantization
+    metrics = peftlab.train(recipe)
     for split in ("dev", "test"):
         assert {"exact_match", "f1", "loss", "windows"} <= set(metrics[split])
         assert 0.0 <= metrics[split]["exact_match"] <= metrics[split]["f1"] <= 100.0

@@ -127,3 +127,14 @@ def test_an_unknown_head_architecture_names_every_registered_one():
 
     with pytest.raises(PeftlabError, match=r"m/config.json: architectures: expected one of .*\*ForTokenClassification"):
         task_of_config(SimpleNamespace(architectures=["BertModel"]), Path("m"))
+
+
+def test_tasks_command_lists_each_task_with_its_metrics_and_options():
+    from conftest import run_cli
+
+    res = run_cli("tasks")
+    assert res.returncode == 0, res.stderr
+    blocks = {b.split("\n")[0]: b for b in res.stdout.strip().split("\n") if not b.startswith(" ")}
+    assert set(blocks) == {"causal_lm", "question_answering", "sequence_classification", "token_classification"}
+    assert "head='softmax'" in res.stdout and "doc_stride=128" in res.stdout
+    assert "metrics: f1, exact_match, loss" in res.stdout

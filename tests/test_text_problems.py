@@ -176,3 +176,11 @@ def test_merged_checkpoint_runs_in_the_text_classification_pipeline(tiny_bert, t
         out = classify("the movie was good", top_k=None)
         assert {o["label"] for o in out} == {"neg", "pos"}
         assert all(0.0 <= o["score"] <= 1.0 for o in out)
+        # peftlab predict on the merged folder applies the run's validation threshold, as on the run
+        from peftlab.predict import predict
+
+        dev = json.loads((tmp_path / "run" / "metrics.json").read_text())["dev"]["threshold"]
+        texts = ["the movie was good", "people said awful"]
+        on_merged, on_run = predict(tmp_path / "merged", texts), predict(tmp_path / "run", texts)
+        assert [r["threshold"] for r in on_merged] == [dev, dev]
+        assert [r["labels"] for r in on_merged] == [r["labels"] for r in on_run]

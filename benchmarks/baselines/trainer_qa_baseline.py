@@ -135,12 +135,15 @@ def main(argv: list[str]) -> int:
     pad_on_right = tokenizer.padding_side == "right"
     max_len, stride = data_cfg.max_length, opts.doc_stride
 
-    def prepare_train_features(examples):
+    def tokenize_windows(examples):  # the example's tokenizer call, shared by both preparations
         examples["question"] = [q.lstrip() for q in examples["question"]]
-        tokenized = tokenizer(examples["question" if pad_on_right else "context"],
-                              examples["context" if pad_on_right else "question"],
-                              truncation="only_second" if pad_on_right else "only_first", max_length=max_len,
-                              stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        return tokenizer(examples["question" if pad_on_right else "context"],
+                         examples["context" if pad_on_right else "question"],
+                         truncation="only_second" if pad_on_right else "only_first", max_length=max_len,
+                         stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+
+    def prepare_train_features(examples):
+        tokenized = tokenize_windows(examples)
         sample_mapping = tokenized.pop("overflow_to_sample_mapping")
         offset_mapping = tokenized.pop("offset_mapping")
         tokenized["start_positions"], tokenized["end_positions"] = [], []
@@ -170,11 +173,7 @@ def main(argv: list[str]) -> int:
         return tokenized
 
     def prepare_validation_features(examples):
-        examples["question"] = [q.lstrip() for q in examples["question"]]
-        tokenized = tokenizer(examples["question" if pad_on_right else "context"],
-                              examples["context" if pad_on_right else "question"],
-                              truncation="only_second" if pad_on_right else "only_first", max_length=max_len,
-                              stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        tokenized = tokenize_windows(examples)
         sample_mapping = tokenized.pop("overflow_to_sample_mapping")
         tokenized["example_id"] = []
         for i in range(len(tokenized["input_ids"])):

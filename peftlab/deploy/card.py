@@ -152,6 +152,12 @@ def _from_card(path: str, out: Path) -> str:
         return Path(path).name
 
 
+def _labels_line(task: Any) -> list[str]:
+    if not task.has_labels:
+        return []
+    return [f"- labels ({len(task.labels)}): " + ", ".join(f"`{label}`" for label in task.labels)]
+
+
 def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict, out: Path) -> str:
     """README.md of a merged checkpoint (written to ``out``): what it is, how it was trained and
     verified, how to use it."""
@@ -178,12 +184,13 @@ def model_card(run: Any, report: dict, metrics_json: dict, params_json: dict, ou
         "",
         *_usage(task, "PATH/TO/THIS/FOLDER"),
         "",
+        *run.task.card_notes(),
         "## Model",
         "",
         f"- backbone: `{recipe.backbone.name}`" + (f" (revision `{recipe.backbone.revision}`)" if recipe.backbone.revision else ""),
         f"- quantization while training: {recipe.backbone.quantization}",
         f"- method: `{run.method.name}` " + ", ".join(f"{k}={v}" for k, v in method_opts.items()),
-        f"- labels ({len(run.task.labels)}): " + ", ".join(f"`{label}`" for label in run.task.labels),
+        *_labels_line(run.task),
         f"- source run: `{_from_card(report['run'], out)}` (relative to this folder)",
         "",
         *_run_sections(recipe, metrics_json, params_json, report),
@@ -217,7 +224,7 @@ def export_card(run: Any, info: dict, report: dict) -> str:
         f"- base: `{recipe.backbone.name}`" + (f" (revision `{recipe.backbone.revision}`)" if recipe.backbone.revision else "")
         + f", quantization {recipe.backbone.quantization}, dtype {recipe.backbone.dtype}",
         f"- method: `{run.method.name}` " + ", ".join(f"{k}={v}" for k, v in opts.items()),
-        f"- labels ({len(run.task.labels)}): " + ", ".join(f"`{label}`" for label in run.task.labels),
+        *_labels_line(run.task),
         "",
         "## Usage",
         "",

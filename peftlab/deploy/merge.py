@@ -19,7 +19,7 @@ import torch
 
 from .._version import __version__
 from ..atomicio import atomic_dir, remove_stale_temporaries, write_json, write_text
-from ..backbones import auto_class, load_model, resolve_backbone
+from ..backbones import auto_class, load_task_model, resolve_backbone
 from ..errors import PeftlabError, VerificationError
 from ..methods import MethodContext, build_method
 from ..outputs import check_output, mark
@@ -106,7 +106,7 @@ def _load_full_precision(run: Any, quantized_base: str) -> Any:
             raise PeftlabError("merge: the quantized base has no bitsandbytes layers to dequantize")
 
     def load_base() -> Any:
-        model = load_model(backbone, run.task.auto_model, kwargs, path=path)
+        model = load_task_model(backbone, run.task, kwargs, path=path)
         if dequantized is not None:
             modules = dict(model.named_modules())
             with torch.no_grad():
@@ -135,6 +135,15 @@ def _clean_config(model: Any) -> None:
             model.is_quantized = False
         except AttributeError:
             pass
+
+
+def _merge_info(run: Any, method: Any, metrics_json: dict) -> dict:
+    """peftlab_merge.json: the task and resolved recipe (predict rebuilds the task from them) and the
+    multi-label decision threshold chosen on validation, if the run has one."""
+    threshold = (metrics_json.get("dev") or {}).get("threshold")
+    return {"format": MERGE_FORMAT, "task": run.task.name, "method": method.name,
+            "source_run": str(run.run_dir.resolve()), "recipe": run.recipe.to_dict(),
+            **({"threshold": threshold} if threshold is not None else {}), "peftlab_version": __version__}
 
 
 def load_splits_or_explain(task: Any, run_dir: Path) -> Any:
@@ -259,7 +268,8 @@ def merge(
         merged_params = sum(p.numel() for p in merged.parameters())
         _save_merged(run, merged, tmp)
         del merged
-        checkpoint = auto_class(run.task.auto_model).from_pretrained(str(tmp), dtype="auto")
+        checkpoint = run.task.prepare_model(auto_class(run.task.auto_model).from_pretrained(str(tmp), dtype="auto"),
+                                            str(tmp))
         checkpoint.to(device)
         checkpoint.eval()
         log.info(f"merge: verifying on {len(verify_rows)} validation example(s)")
@@ -283,9 +293,7 @@ def merge(
             )
         write_json(tmp / VERIFY_FILE, report)
         mark(tmp, "merge")
-        write_json(tmp / MERGE_FILE, {"format": MERGE_FORMAT, "task": run.task.name, "method": method.name,
-                                      "source_run": str(run_dir.resolve()), "recipe": recipe.to_dict(),
-                                      "peftlab_version": __version__})
+        write_json(tmp / MERGE_FILE, _merge_info(run, method, metrics_json))
         write_text(tmp / "README.md", model_card(run, report, metrics_json, params_json, out))
     log.info(f"merge: wrote {out} (max |Δlogit| {stats['max_abs_logit_diff']:.3g}, agreement {100 * stats['agreement']:.2f}%)")
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..backbones import load_model
+from ..backbones import load_task_model
 from . import Method, MethodContext, register_method
 
 
@@ -24,7 +24,7 @@ class FullFineTune(Method):
         model.save_pretrained(str(folder))
 
     def load(self, folder: Path, ctx: MethodContext) -> Any:
-        return load_model(ctx.backbone, ctx.task.auto_model, ctx.task.model_kwargs(), path=str(folder))
+        return load_task_model(ctx.backbone, ctx.task, ctx.task.model_kwargs(), path=str(folder))
 
     def merge(self, model: Any) -> Any:
         return model

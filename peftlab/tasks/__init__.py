@@ -60,6 +60,10 @@ class Task:
         """One input of ``peftlab.api.predict(folder, [...])`` as Python source (cards)."""
         return '"some text"'
 
+    def card_notes(self) -> list[str]:
+        """Markdown paragraphs a merged checkpoint's card adds after its usage snippet."""
+        return []
+
     def __init__(self, recipe: Any):
         self.recipe = recipe
         self.data_cfg = recipe.data
@@ -90,6 +94,12 @@ class Task:
             "id2label": dict(enumerate(self.labels)),
             "label2id": self.label2id,
         }
+
+    def prepare_model(self, model: Any, path: Optional[str] = None) -> Any:
+        """The transformers model just loaded from ``path`` (the backbone, or a saved checkpoint),
+        made this task's model: a task whose head transformers lacks installs it here and reads its
+        extra tensors from ``path``. Every load goes through it (training, runs, merges, predict)."""
+        return model
 
     # -- training ---------------------------------------------------------------------------------
     def training_loss(self, model: Any, batch: dict) -> torch.Tensor:

@@ -7,14 +7,27 @@ predicted ``O``.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field
 from transformers import DataCollatorForTokenClassification
 
 from ..data import check_token_rows, load_splits
 from ..metrics import entity_scores
-from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
+from . import EncodedSplit, NoOptions, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
+from .crf import CRFClassifier, compact, iob2_allowed, load_crf_tensors, repair_iob2
+
+
+class TaggingOptions(NoOptions):
+    head: Literal["softmax", "crf"] = Field(
+        "softmax", description="softmax: each first sub-token classified alone; crf: a linear-chain CRF over "
+        "the sentence's first sub-tokens (learned tag transitions, Viterbi decoding; predicted by peftlab: a "
+        "merged checkpoint holds the emission layer that plain transformers uses, and the transitions).")
+    crf_iob2_constraints: bool = Field(
+        True, description="head crf with IOB2 tags: transitions IOB2 forbids (I-X not after B-X/I-X) are never "
+        "decoded; such tags in the training data are read as B-X, as seqeval reads them.")
 
 
 def sort_tags(tags: set[str]) -> list[str]:
@@ -38,6 +51,7 @@ class TokenClassification(Task):
     default_metric = "f1"
     peft_task_type = "TOKEN_CLS"
     pipeline_tag = "token-classification"
+    Options = TaggingOptions
 
     @classmethod
     def usage_code(cls, name: str) -> list[str]:
@@ -71,13 +85,14 @@ class TokenClassification(Task):
         l2i = self.label2id
         features, kept_words = [], []
         for i, ex in enumerate(examples):
+            tags = self._crf_targets(ex[tag_col]) if self.crf else ex[tag_col]
             word_ids = enc.word_ids(i)
             labels, kept, previous = [], [], None
             for w in word_ids:
                 if w is None or w == previous:
                     labels.append(-100)
                 else:
-                    labels.append(l2i[ex[tag_col][w]])
+                    labels.append(l2i[tags[w]])
                     kept.append(w)
                 previous = w
             feat = {k: enc[k][i] for k in enc.keys()}
@@ -89,6 +104,55 @@ class TokenClassification(Task):
     def collator(self, tokenizer: Any):
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=None)
 
+    # -- the CRF head -----------------------------------------------------------------------------
+    @property
+    def crf(self) -> bool:
+        return self.options.head == "crf"
+
+    def _constrained(self) -> bool:
+        return self.crf and self.options.crf_iob2_constraints and all(
+            t == "O" or t[:2] in ("B-", "I-") for t in self.labels)
+
+    def card_notes(self) -> list[str]:
+        if not self.crf:
+            return []
+        return ["**CRF head.** This model was trained with a CRF over its tags (peftlab `task_options.head: crf`). "
+                "transformers has no CRF layer: it loads the `classifier` as a softmax tagger (and reports the "
+                "transition tensors as unused). `peftlab predict` on this folder decodes with the CRF, as the "
+                "run's metrics were measured.", ""]
+
+    def prepare_model(self, model: Any, path: Optional[str] = None) -> Any:
+        if not self.crf:
+            return model
+        allowed = iob2_allowed(self.labels) if self._constrained() else None
+        model.classifier = CRFClassifier.from_linear(model.classifier, allowed)
+        if path is not None:
+            load_crf_tensors(model.classifier, Path(path))
+        return model
+
+    def _crf_targets(self, tags: list[str]) -> list[str]:
+        """The tags the CRF learns: IOB2-repaired when constrained (where the repaired tag is known)."""
+        if not self._constrained():
+            return tags
+        known = set(self.labels)
+        return [r if r in known else t for r, t in zip(repair_iob2(tags), tags)]
+
+    def count_items(self, batch: dict) -> int:
+        if self.crf:  # one negative log-likelihood per sentence
+            return int(((batch["labels"] != -100).sum(1) > 0).sum())
+        return super().count_items(batch)
+
+    def loss_sum(self, model: Any, batch: dict) -> torch.Tensor:
+        if not self.crf:
+            return super().loss_sum(model, batch)
+        return crf_nll(*self._emissions(model, batch), batch["labels"]).sum()
+
+    @staticmethod
+    def _emissions(model: Any, batch: dict) -> tuple[CRFClassifier, torch.Tensor]:
+        """The CRF head the forward pass used, and its emissions (B, L, tags)."""
+        logits = model(**{k: v for k, v in batch_to_model_inputs(batch).items() if k != "labels"}).logits
+        return CRFClassifier.last, logits
+
     @torch.no_grad()
     def predict_ids(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[list[list[int]], float, int]:
         """Label ids at every labelled (first sub-token) position, per example, in order."""
@@ -96,12 +160,18 @@ class TokenClassification(Task):
         out: list[list[int]] = []
         loss_sum, loss_n = 0.0, 0
         for batch in dataloader:
-            outputs = model(**batch_to_model_inputs(batch))
-            if outputs.loss is not None:
-                n = int((batch["labels"] != -100).sum())
-                loss_sum += float(outputs.loss) * n
-                loss_n += n
-            pred = outputs.logits.argmax(-1)
+            if self.crf:
+                crf, emissions = self._emissions(model, batch)
+                loss_sum += float(crf_nll(crf, emissions, batch["labels"]).sum())
+                loss_n += self.count_items(batch)
+                pred = self.decode(crf, emissions, batch["labels"])
+            else:
+                outputs = model(**batch_to_model_inputs(batch))
+                if outputs.loss is not None:
+                    n = int((batch["labels"] != -100).sum())
+                    loss_sum += float(outputs.loss) * n
+                    loss_n += n
+                pred = outputs.logits.argmax(-1)
             labels = batch["labels"]
             pred = accelerator.pad_across_processes(pred, dim=1, pad_index=-100)
             labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
@@ -110,6 +180,17 @@ class TokenClassification(Task):
                 out.append([pi for pi, li in zip(p, lab) if li != -100])
         totals = accelerator.reduce(torch.tensor([loss_sum, float(loss_n)], device=accelerator.device), "sum")
         return out, float(totals[0]), int(totals[1])
+
+    @staticmethod
+    def decode(crf: CRFClassifier, emissions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Viterbi tags at the labelled positions (``labels != -100``), the rest -100: (B, L) ids."""
+        keep = labels != -100
+        compacted, mask = compact(emissions, labels)
+        pred = torch.full_like(labels, -100)
+        for row, path in enumerate(crf.viterbi(compacted, mask)):
+            positions = keep[row].nonzero().squeeze(1)
+            pred[row, positions] = torch.tensor(path[:len(positions)], dtype=pred.dtype, device=pred.device)
+        return pred
 
     def word_predictions(self, ids: list[list[int]], encoded: EncodedSplit) -> list[list[str]]:
         tag_col = self.data_cfg.tags_column
@@ -126,6 +207,14 @@ class TokenClassification(Task):
         y_pred = self.word_predictions(ids, encoded)
         y_true = [ex[self.data_cfg.tags_column] for ex in encoded.examples]
         return score_entities(y_true, y_pred, mean_loss(loss_sum, loss_n))
+
+
+def crf_nll(crf: CRFClassifier, emissions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each labelled sentence's negative log-likelihood over its first-sub-token positions."""
+    rows = (labels != -100).any(1)
+    compacted, mask = compact(emissions[rows], labels[rows])
+    tags, _ = compact(labels[rows], labels[rows])
+    return crf.nll(compacted, tags.clamp(min=0), mask)
 
 
 def score_entities(y_true: list[list[str]], y_pred: list[list[str]], loss: float) -> dict:
