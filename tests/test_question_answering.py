@@ -226,6 +226,18 @@ def test_lora_merges_and_predicts_the_same_answers_as_the_run(tiny_bert, tmp_pat
     res = run_cli("predict", str(run), "--input", str(jsonl))
     assert res.returncode == 0, res.stderr
     assert [json.loads(line)["answer"] for line in res.stdout.splitlines()] == [r["answer"] for r in from_run[:3]]
+    # benchmarks/merged_qa_answers.py: the merged side answered by transformers + torch alone, in its own process
+    import subprocess
+    import sys
+
+    out = tmp_path / "answers.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merged_qa_answers.py"
+    res = subprocess.run([sys.executable, str(script), str(run), str(merged), "--questions", "10", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["questions"] == 10 and result["same_answer_and_span"] == 10 and result["differences"] == []
+    assert result["run_scores"] == result["merged_scores"]
 
 
 # ----------------------------------------------------------------------------------------- errors
