@@ -54,6 +54,7 @@ class Cell:
             "cell": self.id, "config": self.config, "seed": self.seed, "kind": self.kind,
             "recipe": self.recipe, "recipe_hash": self.recipe_hash, "method": self.method,
             "quantization": self.quantization, "backbone": self.backbone, "compare_to": self.compare_to,
+            **({"script": self.script} if self.script else {}),
         }
 
 

@@ -221,8 +221,10 @@ def _comparison_lines(s: Summary) -> list[str]:
     comps = comparisons(s)
     if comps:
         m = s.metric
+        scripts = sorted({r["script"] for r in s.ok + s.missing if r.get("script")}) or [
+            "benchmarks/baselines/trainer_baseline.py"]
         lines += ["## peftlab vs a plain transformers Trainer script", "",
-                  "The baseline is `benchmarks/baselines/trainer_baseline.py`: transformers `Trainer` (+ peft for "
+                  f"The baseline is {' / '.join(f'`{x}`' for x in scripts)}: transformers `Trainer` (+ peft for "
                   "LoRA) on the same recipe (backbone, data, hyperparameters, seeds), written the way the "
                   "transformers docs teach it. Ratios are peftlab / Trainer (throughput > 1: peftlab is faster); "
                   "the difference is peftlab − Trainer.", "",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 MIB = 2**20
-HIDDEN_TEST_METRICS = ("loss", "examples", "completion_tokens")  # counts, not scores
+HIDDEN_TEST_METRICS = ("loss", "examples", "completion_tokens", "windows")  # counts, not scores
 
 
 @dataclass
