@@ -24,7 +24,9 @@ def type_text(ann: Any) -> str:
     if origin is typing.Annotated:
         return type_text(args[0])
     if origin in (typing.Union, types.UnionType):
-        parts = [type_text(a) for a in args if a is not type(None)]
+        # plain types before parameterized ones: typing caches equal unions, so the order a union was
+        # first written in anywhere in the process (peft's, transformers') would otherwise show through
+        parts = sorted((type_text(a) for a in args if a is not type(None)), key=lambda t: "[" in t)
         return " | ".join(dict.fromkeys(parts)) + (" | null" if type(None) in args else "")
     if origin is not None:
         name = getattr(origin, "__name__", str(origin))
