@@ -95,6 +95,7 @@ def main() -> int:
         run = [json.loads(line) for line in subprocess.run(
             [sys.executable, "-m", "peftlab.cli", "predict", args.run_dir, "--input", str(qfile)], check=True,
             capture_output=True, text=True, env=env).stdout.splitlines()]
+    from peftlab.atomicio import write_text
     from peftlab.bench.provenance import git_info, versions
     from peftlab.metrics import squad_scores
 
@@ -107,8 +108,7 @@ def main() -> int:
               "merged_scores": squad_scores([m["answer"] for m in merged], refs), "differences": differ,
               "code": git_info(), "versions": versions(),
               "command": "python benchmarks/merged_qa_answers.py " + " ".join(sys.argv[1:])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")  # atomic: never a half-written file
     print(f"{result['same_answer_and_span']}/{len(items)} identical answers; written to {args.out}")
     return 0 if not differ else 1
 

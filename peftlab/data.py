@@ -174,7 +174,7 @@ def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
     else:
         path = Path(source).expanduser()
         fmt = _format_of(cfg, path)
-        if kind == "qa" and path.suffix.lower() == ".json" and cfg.format == "auto" or fmt == "squad":
+        if kind == "qa" and cfg.format == "auto" and path.suffix.lower() == ".json":  # SQuAD's own layout
             rows = read_squad(path, key, columns)
         elif kind == "qa" and fmt != "jsonl":
             raise PeftlabError(f"data.{key}: question answering reads SQuAD JSON or JSONL, not {fmt}")
@@ -270,7 +270,8 @@ def hold_out(train: list[dict], cfg: DataConfig, group: Optional[Callable[[dict]
              unit: str = "examples") -> tuple[list[dict], list[dict], str]:
     """(train, validation, note): a fixed-seed fraction of train held out, whole groups at a time when
     ``group`` is given (every question of one article, so that no context is in both)."""
-    keys = list(dict.fromkeys(group(ex) for ex in train)) if group else list(range(len(train)))
+    key_of_row = [group(ex) for ex in train] if group else list(range(len(train)))
+    keys = list(dict.fromkeys(key_of_row))
     order = list(range(len(keys)))
     random.Random(cfg.split_seed).shuffle(order)
     n_val = max(1, round(len(keys) * cfg.validation_split))
@@ -278,10 +279,8 @@ def hold_out(train: list[dict], cfg: DataConfig, group: Optional[Callable[[dict]
         raise PeftlabError(f"data.validation_split: holding out {n_val} of {len(keys)} training {unit} leaves "
                            f"none to train on")
     held = {keys[i] for i in order[:n_val]}
-    key_of = group or (lambda ex: None)
-    is_held = [(key_of(ex) if group else i) in held for i, ex in enumerate(train)]
-    validation = [ex for ex, h in zip(train, is_held) if h]
-    rest = [ex for ex, h in zip(train, is_held) if not h]
+    validation = [ex for ex, key in zip(train, key_of_row) if key in held]
+    rest = [ex for ex, key in zip(train, key_of_row) if key not in held]
     whole = f" ({n_val} whole {unit})" if group else ""
     note = (f"validation: {len(validation)} examples{whole} held out of train "
             f"(fraction {cfg.validation_split}, seed {cfg.split_seed})")

@@ -368,10 +368,11 @@ def _dev_threshold(path: Path) -> float:
     from .deploy.merge import MERGE_FILE
     from .util import read_json_or_none
 
-    metrics = read_json_or_none(path / "metrics.json")
-    dev = metrics.get("dev") if isinstance(metrics, dict) else None
-    merged = read_json_or_none(path / MERGE_FILE)
-    for value in ((dev or {}).get("threshold"), (merged or {}).get("threshold") if isinstance(merged, dict) else None):
+    def as_dict(value: Any) -> dict:
+        return value if isinstance(value, dict) else {}
+
+    dev = as_dict(as_dict(read_json_or_none(path / "metrics.json")).get("dev"))
+    for value in (dev.get("threshold"), as_dict(read_json_or_none(path / MERGE_FILE)).get("threshold")):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return 0.5

@@ -236,13 +236,13 @@ class QuestionAnswering(Task):
         rows = [{o.question_column: it.get("question"), o.context_column: it.get("context"),
                  o.answers_column: [], "_where": f"input {n + 1}"} for n, it in enumerate(items)]
         check_text_rows(rows, self.columns[:2])
-        out = []
+        out, collate = [], self.collator(tokenizer)
         for first in range(0, len(rows), batch_size):
             encoded = self.encode(rows[first:first + batch_size], tokenizer, "predict")
             logits = {}
             for b in range(0, len(encoded), batch_size):
                 feats = encoded.features[b:b + batch_size]
-                batch = self.collator(tokenizer)([{k: v for k, v in f.items() if not k.startswith("_")} for f in feats])
+                batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in feats])
                 inputs = {k: v.to(device) for k, v in batch.items() if k not in ("start_positions", "end_positions")}
                 with torch.no_grad():
                     res = model(**inputs)

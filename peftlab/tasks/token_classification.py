@@ -83,9 +83,10 @@ class TokenClassification(Task):
             max_length=self.data_cfg.max_length,
         )
         l2i = self.label2id
+        repair = self._constrained()  # a CRF under IOB2 constraints learns repaired tags
         features, kept_words = [], []
         for i, ex in enumerate(examples):
-            tags = self._crf_targets(ex[tag_col]) if self.crf else ex[tag_col]
+            tags = repair_known(ex[tag_col], l2i) if repair else ex[tag_col]
             word_ids = enc.word_ids(i)
             labels, kept, previous = [], [], None
             for w in word_ids:
@@ -129,13 +130,6 @@ class TokenClassification(Task):
         if path is not None:
             load_crf_tensors(model.classifier, Path(path))
         return model
-
-    def _crf_targets(self, tags: list[str]) -> list[str]:
-        """The tags the CRF learns: IOB2-repaired when constrained (where the repaired tag is known)."""
-        if not self._constrained():
-            return tags
-        known = set(self.labels)
-        return [r if r in known else t for r, t in zip(repair_iob2(tags), tags)]
 
     def count_items(self, batch: dict) -> int:
         if self.crf:  # one negative log-likelihood per sentence
@@ -207,6 +201,11 @@ class TokenClassification(Task):
         y_pred = self.word_predictions(ids, encoded)
         y_true = [ex[self.data_cfg.tags_column] for ex in encoded.examples]
         return score_entities(y_true, y_pred, mean_loss(loss_sum, loss_n))
+
+
+def repair_known(tags: list[str], known: Any) -> list[str]:
+    """IOB2-repaired tags (``repair_iob2``), keeping a tag whose repaired form is not a known label."""
+    return [r if r in known else t for r, t in zip(repair_iob2(tags), tags)]
 
 
 def crf_nll(crf: CRFClassifier, emissions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
