@@ -129,6 +129,14 @@ def predict(model_dir: Any, texts: Any, **options: Any) -> list[dict]:
     return _predict(model_dir, texts, **options)
 
 
+def load_adapters(folders: Any, **options: Any) -> Any:
+    """Several runs, exports or merged checkpoints (``[name=]folder``) in one process, their common
+    weights held once; ``.predict(name, texts)`` (peftlab.adapters)."""
+    from .adapters import load_adapters as _load
+
+    return _load(folders, **options)
+
+
 def bench(spec: Union[str, os.PathLike], **options: Any) -> Any:
     """Run a benchmark spec (one process per cell, resumable) and write its report (peftlab.bench).
 

@@ -315,7 +315,7 @@ def _tags_and_scores(p: Predictor, logits: torch.Tensor, enc: Any) -> tuple[torc
             if w is not None and w not in seen:
                 first[row, pos] = 0
                 seen.add(w)
-    best_id = task.decode(CRFClassifier.last, logits, first.to(logits.device)).clamp(min=0).cpu()
+    best_id = task.decode(CRFClassifier.used(), logits, first.to(logits.device)).clamp(min=0).cpu()
     return probs.gather(-1, best_id[..., None]).squeeze(-1), best_id
 
 

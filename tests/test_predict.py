@@ -8,44 +8,12 @@ from pathlib import Path
 import pytest
 
 import peftlab
-from conftest import cls_recipe, ner_recipe
+from conftest import cls_recipe, read_sentences
 from peftlab import cli
 from peftlab.errors import PeftlabError
 from peftlab.deploy import merge
 from peftlab.predict import load_predictor, predict, split_words, tag_spans
 from peftlab.predict_cli import read_inputs
-
-
-def read_sentences(path: str, n: int) -> list[str]:
-    from peftlab.data import read_conll
-
-    return [" ".join(s["tokens"]) for s in read_conll(Path(path))[:n]]
-
-
-@pytest.fixture(scope="module")
-def ner_run(tiny_bert, wnut_small, tmp_path_factory) -> Path:
-    """A LoRA NER run whose head is then biased towards person tags, so that the tiny random model
-    tags entities (a 2-layer random BERT trained for seconds predicts only O) - saved back with the
-    method's own save, like any run."""
-    import torch
-
-    from peftlab.runs import load_run
-
-    out = tmp_path_factory.mktemp("predict-runs") / "lora_ner"
-    peftlab.train(ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4, "alpha": 8}, epochs=2, lr=1e-2))
-    run = load_run(out)
-    labels = run.task.labels
-    bias = next(p for n, p in run.model.named_parameters() if n.endswith("classifier.modules_to_save.default.bias"))
-    words = [w for s in read_sentences(wnut_small["train"], 40) for w in s.split()][:100]
-    enc = run.tokenizer([words], is_split_into_words=True, truncation=True, max_length=128, return_tensors="pt")
-    with torch.no_grad():
-        logits = run.model(**enc).logits[0]
-        o = labels.index("O")
-        for tag in ("B-person", "I-person"):
-            t = labels.index(tag)
-            bias[t] += float((logits[:, o] - logits[:, t]).median())  # about half the words lean to this tag
-    run.method.save(run.model, out / "model", run.ctx)
-    return out
 
 
 @pytest.fixture(scope="module")

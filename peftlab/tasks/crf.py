@@ -12,6 +12,7 @@ first) are never decoded and carry no probability.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -43,11 +44,12 @@ def repair_iob2(tags: list[str]) -> list[str]:
     return out
 
 
-class CRFClassifier(torch.nn.Linear):
-    """The emission layer (a ``Linear``) with CRF transitions; ``last`` is the instance whose forward
-    ran last, i.e. the copy a wrapped model (peft's ``modules_to_save``) actually used."""
+_USED = threading.local()
 
-    last: Optional["CRFClassifier"] = None
+
+class CRFClassifier(torch.nn.Linear):
+    """The emission layer (a ``Linear``) with CRF transitions. :meth:`used` is the instance whose
+    forward ran last in this thread, i.e. the copy a wrapped model (peft's ``modules_to_save``) used."""
 
     def __init__(self, in_features: int, num_tags: int, allowed: Optional[torch.Tensor] = None):
         super().__init__(in_features, num_tags)
@@ -66,8 +68,13 @@ class CRFClassifier(torch.nn.Linear):
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        CRFClassifier.last = self
+        _USED.crf = self
         return super().forward(x)
+
+    @staticmethod
+    def used() -> "CRFClassifier":
+        """The CRF head of this thread's last forward pass (each model in a server has its own)."""
+        return _USED.crf
 
     def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(start, transitions, end) with forbidden entries set to FORBIDDEN."""

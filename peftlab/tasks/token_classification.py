@@ -145,7 +145,7 @@ class TokenClassification(Task):
     def _emissions(model: Any, batch: dict) -> tuple[CRFClassifier, torch.Tensor]:
         """The CRF head the forward pass used, and its emissions (B, L, tags)."""
         logits = model(**{k: v for k, v in batch_to_model_inputs(batch).items() if k != "labels"}).logits
-        return CRFClassifier.last, logits
+        return CRFClassifier.used(), logits
 
     @torch.no_grad()
     def predict_ids(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[list[list[int]], float, int]:

@@ -1,0 +1,106 @@
+"""Several runs on one base, in one process (``peftlab.api.load_adapters``, ``peftlab serve``).
+
+Each run (or export, or merged checkpoint) loads as its own :class:`~peftlab.predict.Predictor`, with
+its own method, task head and labels, so a request gets exactly what ``peftlab predict`` gives on that
+folder. What the runs have in common is held once: after each load, every floating-point weight equal
+to one already loaded (the frozen backbone under LoRA, the peft tuners, bottleneck adapters, prefix
+tuning or a trained head) is pointed at that tensor, and the copy is freed. Weights are only compared
+and shared, never changed, so each adapter computes what it computes alone. Quantized weights (int8,
+4-bit) and anything a method changed (a full fine-tune's backbone) stay each run's own.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from .errors import PeftlabError
+from .predict import Predictor, load_predictor, predict
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class AdapterSet:
+    """Loaded adapters by name; ``shared_bytes`` is the weight memory held once instead of per adapter."""
+
+    predictors: dict[str, Predictor]
+    shared_bytes: int = 0
+    # one forward at a time per adapter: predictors keep per-call state (a CRF head, a generation cache)
+    _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
+
+    def names(self) -> list[str]:
+        return list(self.predictors)
+
+    def get(self, name: str) -> Predictor:
+        if name not in self.predictors:
+            raise PeftlabError(f"adapter {name!r}: not loaded (loaded: {', '.join(self.predictors) or 'none'})")
+        return self.predictors[name]
+
+    def predict(self, name: str, inputs: Union[str, Iterable[Any]], batch_size: int = 32) -> list[dict]:
+        """The rows ``peftlab predict`` gives for ``inputs`` on the adapter's folder."""
+        predictor = self.get(name)
+        with self._locks.setdefault(name, threading.Lock()):
+            return predict(predictor, inputs, batch_size=batch_size)
+
+    def describe(self) -> list[dict]:
+        """One entry per adapter: name, task, source folder and kind, labels."""
+        return [{"name": n, "task": p.task, "source": p.source, "path": str(p.path), "labels": list(p.labels),
+                 "max_length": p.max_length} for n, p in self.predictors.items()]
+
+
+def adapter_names(paths: list[str]) -> list[tuple[str, Path]]:
+    """``[name=]folder`` -> (name, folder); a bare folder is named after its last component."""
+    out: list[tuple[str, Path]] = []
+    for item in paths:
+        name, sep, folder = str(item).partition("=")
+        if not sep or not NAME.match(name):
+            name, folder = Path(str(item)).resolve().name, str(item)
+        if not NAME.match(name):
+            raise PeftlabError(f"{item}: adapter name {name!r}: expected letters, digits, '_', '.' or '-' "
+                               f"(at most 64); name it with NAME=FOLDER")
+        if name in dict(out):
+            raise PeftlabError(f"{item}: two adapters are named {name!r}; name them with NAME=FOLDER")
+        out.append((name, Path(folder)))
+    if not out:
+        raise PeftlabError("no adapters given: expected one or more run, export or merged folders")
+    return out
+
+
+def load_adapters(paths: Iterable[Union[str, Path]], device: Optional[torch.device] = None) -> AdapterSet:
+    """Load every ``[name=]folder`` (run, export or merged checkpoint) and hold their common weights once."""
+    index: dict[tuple, list[torch.Tensor]] = {}
+    predictors: dict[str, Predictor] = {}
+    shared = 0
+    for name, folder in adapter_names([str(p) for p in paths]):
+        predictor = load_predictor(folder, device=device)
+        shared += share_weights(predictor.model, index)
+        predictors[name] = predictor
+    return AdapterSet(predictors, shared)
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.dtype, tuple(t.shape), t.device, tuple(t.detach().reshape(-1)[:8].tolist()))
+
+
+def share_weights(model: torch.nn.Module, index: dict[tuple, list[torch.Tensor]]) -> int:
+    """Point each float parameter of ``model`` equal to one in ``index`` at that tensor (the copy is
+    freed); add the others to ``index``. Returns the bytes no longer held twice."""
+    saved = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if type(p) is not torch.nn.Parameter or not p.is_floating_point():
+                continue  # bitsandbytes' quantized parameters carry state of their own
+            candidates = index.setdefault(_key(p), [])
+            same = next((q for q in candidates if q.data_ptr() == p.data_ptr() or torch.equal(q, p)), None)
+            if same is None:
+                candidates.append(p.data)
+            elif same.data_ptr() != p.data_ptr():
+                p.data = same
+                saved += p.numel() * p.element_size()
+    return saved

@@ -1,0 +1,162 @@
+"""Several adapters on one base in one process, and ``peftlab serve`` over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftlab
+from conftest import ROOT, cls_recipe, read_sentences
+from peftlab.adapters import adapter_names, load_adapters
+from peftlab.errors import PeftlabError
+from peftlab.predict import load_predictor, predict
+
+METHODS = {
+    "lora": {"name": "lora", "r": 4, "alpha": 8},
+    "houlsby": {"name": "adapter", "placement": "houlsby", "reduction_factor": 4},
+    "prefix": {"name": "prefix", "num_virtual_tokens": 4},
+    "ia3": {"name": "ia3"},
+    "loha": {"name": "loha", "r": 4},
+    "head": {"name": "head"},
+    "full": {"name": "full"},
+}
+TEXTS = ["how do I top up my card", "my card has not arrived yet", "what is the exchange rate", "pin blocked"]
+
+
+@pytest.fixture(scope="module")
+def cls_runs(tiny_bert, banking_small, tmp_path_factory) -> dict[str, Path]:
+    """One short intent run per method on the same tiny backbone."""
+    root = tmp_path_factory.mktemp("serve-runs")
+    runs = {}
+    for name, method in METHODS.items():
+        runs[name] = root / name
+        peftlab.train(cls_recipe(tiny_bert, banking_small, runs[name], method, epochs=1, lr=5e-3))
+    return runs
+
+
+def test_every_method_predicts_as_alone_and_the_frozen_base_is_held_once(cls_runs, ner_run):
+    alone = {name: predict(path, TEXTS) for name, path in cls_runs.items()}
+    adapters = load_adapters([f"{n}={p}" for n, p in cls_runs.items()] + [f"ner={ner_run}"])
+    for name in cls_runs:
+        assert adapters.predict(name, TEXTS) == alone[name], name
+    assert adapters.predict("ner", TEXTS) == predict(ner_run, TEXTS)
+    # the word embeddings of every method that froze them are one tensor; the full fine-tune's are its own
+    ptrs = {n: next(p.data_ptr() for k, p in adapters.get(n).model.named_parameters() if "word_embeddings" in k)
+            for n in adapters.names()}
+    frozen = [n for n in adapters.names() if n != "full"]
+    assert len({ptrs[n] for n in frozen}) == 1
+    assert ptrs["full"] != ptrs["lora"]
+    emb = load_predictor(cls_runs["lora"]).model.get_input_embeddings()
+    emb_bytes = emb.weight.numel() * emb.weight.element_size()
+    assert adapters.shared_bytes >= (len(frozen) - 1) * emb_bytes
+
+
+def test_adapter_names_are_checked(tmp_path):
+    assert adapter_names(["a=x/y", str(tmp_path)]) == [("a", Path("x/y")), (tmp_path.name, tmp_path)]
+    for bad, msg in ((["a=x", "a=y"], "two adapters are named 'a'"), ([], "no adapters given"),
+                     (["bad name=x"], "adapter name")):
+        with pytest.raises(PeftlabError, match=msg):
+            adapter_names(bad)
+    with pytest.raises(PeftlabError, match="no such folder"):
+        load_adapters([str(tmp_path / "missing")])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(port: int, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server(cls_runs, ner_run):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "serve", f"ner={ner_run}",
+                             f"intents={cls_runs['lora']}", "--port", str(port), "--max-batch", "8",
+                             "--max-length", "2000", "--max-request-bytes", "20000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if _call(port, "/health")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.5)
+        yield port, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_run, wnut_small):
+    port, proc = server
+    sentences = read_sentences(wnut_small["test"], 24)
+    expected = {"ner": predict(ner_run, sentences), "intents": predict(cls_runs["lora"], sentences)}
+    assert any(row["entities"] for row in expected["ner"])  # the NER run tags something
+    good = [(name, i) for name in expected for i in range(0, 24, 3)]
+    bad = [
+        ("/v1/nobody/predict", {"texts": ["x"]}, 404, "not loaded"),
+        ("/v1/ner/predict", {"texts": ["   "]}, 400, "texts[0]: expected a non-empty string"),
+        ("/v1/ner/predict", {"texts": ["a" * 2001]}, 413, "longer than 2000 characters"),
+        ("/v1/ner/predict", {"texts": ["a"] * 9}, 413, "at most 8 per request"),
+        ("/v1/ner/predict", {"questions": [{"question": "q", "context": "c"}]}, 400, "takes 'texts'"),
+        ("/v1/intents/predict", b"{not json", 400, "not valid JSON"),
+        ("/v1/intents/predict", b"x" * 30000, 413, "larger than 20000 bytes"),
+        ("/v1/intents/predict", {"texts": "one string"}, 400, "expected a non-empty list"),
+    ]
+    results: dict = {}
+
+    def send(key, path, body):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        results[key] = _call(port, path, data)
+
+    threads = [threading.Thread(target=send, args=((name, i), f"/v1/{name}/predict", {"texts": sentences[i:i + 3]}))
+               for name, i in good]
+    threads += [threading.Thread(target=send, args=(("bad", n), path, body)) for n, (path, body, _, _) in enumerate(bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for name, i in good:
+        status, body = results[(name, i)]
+        assert status == 200 and body["adapter"] == name, body
+        assert body["predictions"] == expected[name][i:i + 3]
+    for n, (_, _, status, message) in enumerate(bad):
+        got, body = results[("bad", n)]
+        assert got == status and message in body["error"] and "\n" not in body["error"], (n, got, body)
+    assert _call(port, "/health") == (200, {"status": "ok", "adapters": 2})
+    status, listing = _call(port, "/v1/adapters")
+    assert status == 200 and [a["name"] for a in listing["adapters"]] == ["ner", "intents"]
+    assert listing["shared_bytes"] > 0
+    assert _call(port, "/openapi.json")[0] == 200
+    assert proc.poll() is None
+
+
+def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "peftlab.cli", "serve", str(tmp_path / "none"), "--port", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["peftlab: error: --port: expected a positive number"]
+    res = subprocess.run([sys.executable, "-m", "peftlab.cli", "serve", str(tmp_path / "none")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no such folder" in res.stderr and "Traceback" not in res.stderr
