@@ -115,6 +115,13 @@ def merge(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **opti
     return _merge(run_dir, out, **options)
 
 
+def combine(run_dirs: Any, out: Union[str, os.PathLike], **options: Any) -> dict:
+    """Combine LoRA runs of one task into one verified merged checkpoint (``merge --combine``); returns verify.json."""
+    from .deploy import combine as _combine
+
+    return _combine(run_dirs, out, **options)
+
+
 def export(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **options: Any) -> dict:
     """Package any run (adapter weights + config + base reference) for predict; returns verify.json."""
     from .deploy import export as _export

@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 import peftlab
 from conftest import ROOT, cls_recipe, read_sentences

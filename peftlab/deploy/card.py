@@ -245,3 +245,26 @@ def export_card(run: Any, info: dict, report: dict) -> str:
         f"max |Δlogit| {_fmt(report['max_abs_logit_diff'])}, agreement {100 * report['agreement']:.2f}%.",
         "",
     ])
+
+
+def combine_card(first_run: Any, report: dict, out: Path) -> str:
+    """README.md of a checkpoint combined from several LoRA runs (``merge --combine``)."""
+    recipe, task = first_run.recipe, first_run.task.name
+    rows = [f"| `{_from_card(s['run'], out)}` | {s['metric']} | {_fmt(s['source'].get(s['metric'], math.nan))} | "
+            f"{_fmt(s['combined'].get(s['metric'], math.nan))} | {_fmt(s['fraction'])} |" for s in report["sources"]]
+    return "\n".join([
+        "---", "library_name: transformers", f"pipeline_tag: {_pipeline_tag(task)}",
+        f"base_model: {json.dumps(recipe.backbone.name)}", f"tags: {_yaml_list(['peftlab', 'lora', 'combined', task.replace('_', '-')])}",
+        "---", "",
+        f"# {len(report['runs'])} LoRA runs combined ({report['how']})", "",
+        f"A `{task}` model: **{recipe.backbone.name}** with {len(report['runs'])} LoRA adapters combined by peft's "
+        f"`add_weighted_adapter` (`{report['how']}`, weights {report['weights']}, density {report['density']}), the task "
+        f"heads averaged with the same weights, merged into a plain `transformers` checkpoint by peftlab {__version__}.", "",
+        "## Usage", "", *_usage(task, "PATH/TO/THIS/FOLDER"), "",
+        *_labels_line(first_run.task), "",
+        "## Each source run's validation data", "",
+        "| run (relative to this folder) | metric | run alone | combined | fraction |", "|---|---|---|---|---|", *rows, "",
+        f"Required fraction: {report['thresholds']['min_fraction']}"
+        + (" (**accepted below it with --accept-loss**)" if report["accepted_loss"] and not report["passed"] else ""), "",
+        "## Merge verification", "", *_verify_lines(report), "",
+    ])

@@ -6,6 +6,8 @@ import argparse
 import math
 from typing import Any, Callable
 
+from ..errors import PeftlabError
+from .combine import DEFAULT_MIN_FRACTION, HOWS, combine
 from .export import export
 from .merge import DEFAULT_VERIFY_EXAMPLES, DTYPES, EVAL_SPLITS, merge
 from .verify import QUANTIZED_BASE_MODES
@@ -19,8 +21,17 @@ def add_commands(sub: Any, command: Callable) -> None:
         "transformers loads without peft/peftlab. The merged model is checked against the run before "
         "anything is written; exit 4 when it does not reproduce it.",
     )
-    m.add_argument("run_dir", help="a finished run folder")
+    m.add_argument("run_dir", nargs="?", help="a finished run folder")
     m.add_argument("--out", required=True, help="output folder (written atomically)")
+    m.add_argument("--combine", nargs="+", metavar="RUN", help="combine these LoRA runs (one task and backbone) "
+                   "into one checkpoint instead, verified on each run's validation data")
+    m.add_argument("--how", choices=HOWS, default="linear", help="--combine: peft's combination (default linear)")
+    m.add_argument("--weights", nargs="+", type=float, help="--combine: one weight per run (default: equal, sum 1)")
+    m.add_argument("--density", type=float, default=0.5, help="--combine: fraction kept by ties/dare (default 0.5)")
+    m.add_argument("--min-fraction", type=float, default=DEFAULT_MIN_FRACTION,
+                   help="--combine: the combined model's metric on each run's validation data must be at least this "
+                        f"fraction of the run's own (default {DEFAULT_MIN_FRACTION})")
+    m.add_argument("--accept-loss", action="store_true", help="--combine: write it even below --min-fraction")
     m.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the run's backbone.dtype)")
     m.add_argument("--verify-examples", type=int, default=DEFAULT_VERIFY_EXAMPLES,
                    help=f"validation examples both models run on (default {DEFAULT_VERIFY_EXAMPLES})")
@@ -47,6 +58,10 @@ def add_commands(sub: Any, command: Callable) -> None:
 
 
 def _merge_cmd(args: argparse.Namespace) -> int:
+    if args.combine:
+        return _combine_cmd(args)
+    if args.run_dir is None:
+        raise PeftlabError("command line: merge needs a run folder (or --combine RUN RUN ...)")
     report = merge(
         args.run_dir, args.out, dtype=args.dtype, verify_examples=args.verify_examples, atol=args.atol,
         min_agreement=args.min_agreement, eval_split=args.eval_split, quantized_base=args.quantized_base,
@@ -61,6 +76,21 @@ def _merge_cmd(args: argparse.Namespace) -> int:
         line += (f"; {m['split']} {metric} unmerged {m['unmerged'].get(metric, math.nan):.4f} "
                  f"merged {m['merged'].get(metric, math.nan):.4f}")
     print(line)
+    return 0
+
+
+def _combine_cmd(args: argparse.Namespace) -> int:
+    if args.run_dir is not None:
+        raise PeftlabError(f"command line: {args.run_dir}: give the runs to combine after --combine only")
+    report = combine(args.combine, args.out, how=args.how, weights=args.weights, density=args.density,
+                     min_fraction=args.min_fraction, accept_loss=args.accept_loss,
+                     verify_examples=args.verify_examples, overwrite=args.overwrite)
+    for s in report["sources"]:
+        m = s["metric"]
+        print(f"combined: {s['run']}: {m} {s['source'].get(m, math.nan):.4f} alone, "
+              f"{s['combined'].get(m, math.nan):.4f} combined")
+    print(f"combined: {args.out} ({report['how']} of {len(report['runs'])} runs): max |Δlogit| "
+          f"{report['max_abs_logit_diff']:.3g} against the combined adapter")
     return 0
 
 
