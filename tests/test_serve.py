@@ -87,10 +87,25 @@ def _call(port: int, path: str, body: bytes | None = None) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(cls_runs, ner_run):
+def qa_run(tiny_bert, squad_small, tmp_path_factory) -> Path:
+    from test_question_answering import qa_recipe
+
+    out = tmp_path_factory.mktemp("serve-qa") / "qa"
+    peftlab.train(qa_recipe(tiny_bert, squad_small, out, {"name": "lora", "r": 4}))
+    return out
+
+
+def qa_items(squad_small: dict, n: int) -> list[dict]:
+    doc = json.loads(Path(squad_small["test"]).read_text())
+    return [{"question": qa["question"], "context": p["context"]}
+            for a in doc["data"] for p in a["paragraphs"] for qa in p["qas"]][:n]
+
+
+@pytest.fixture(scope="module")
+def server(cls_runs, ner_run, qa_run):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "serve", f"ner={ner_run}",
-                             f"intents={cls_runs['lora']}", "--port", str(port), "--max-batch", "8",
+                             f"intents={cls_runs['lora']}", f"qa={qa_run}", "--port", str(port), "--max-batch", "8",
                              "--max-length", "2000", "--max-request-bytes", "20000"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -108,10 +123,12 @@ def server(cls_runs, ner_run):
         proc.wait(timeout=30)
 
 
-def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_run, wnut_small):
+def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_run, qa_run, wnut_small, squad_small):
     port, proc = server
-    sentences = read_sentences(wnut_small["test"], 24)
-    expected = {"ner": predict(ner_run, sentences), "intents": predict(cls_runs["lora"], sentences)}
+    sentences, questions = read_sentences(wnut_small["test"], 24), qa_items(squad_small, 24)
+    inputs = {"ner": sentences, "intents": sentences, "qa": questions}
+    expected = {"ner": predict(ner_run, sentences), "intents": predict(cls_runs["lora"], sentences),
+                "qa": predict(qa_run, questions)}
     assert any(row["entities"] for row in expected["ner"])  # the NER run tags something
     good = [(name, i) for name in expected for i in range(0, 24, 3)]
     bad = [
@@ -123,6 +140,8 @@ def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_r
         ("/v1/intents/predict", b"{not json", 400, "not valid JSON"),
         ("/v1/intents/predict", b"x" * 30000, 413, "larger than 20000 bytes"),
         ("/v1/intents/predict", {"texts": "one string"}, 400, "expected a non-empty list"),
+        ("/v1/qa/predict", {"texts": ["who?"]}, 400, "takes 'questions'"),
+        ("/v1/qa/predict", {"questions": [{"question": "who?"}]}, 400, "questions[0].context"),
     ]
     results: dict = {}
 
@@ -130,8 +149,10 @@ def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_r
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         results[key] = _call(port, path, data)
 
-    threads = [threading.Thread(target=send, args=((name, i), f"/v1/{name}/predict", {"texts": sentences[i:i + 3]}))
-               for name, i in good]
+    def body(name, i):
+        return {"questions" if name == "qa" else "texts": inputs[name][i:i + 3]}
+
+    threads = [threading.Thread(target=send, args=((name, i), f"/v1/{name}/predict", body(name, i))) for name, i in good]
     threads += [threading.Thread(target=send, args=(("bad", n), path, body)) for n, (path, body, _, _) in enumerate(bad)]
     for t in threads:
         t.start()
@@ -144,9 +165,9 @@ def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_r
     for n, (_, _, status, message) in enumerate(bad):
         got, body = results[("bad", n)]
         assert got == status and message in body["error"] and "\n" not in body["error"], (n, got, body)
-    assert _call(port, "/health") == (200, {"status": "ok", "adapters": 2})
+    assert _call(port, "/health") == (200, {"status": "ok", "adapters": 3})
     status, listing = _call(port, "/v1/adapters")
-    assert status == 200 and [a["name"] for a in listing["adapters"]] == ["ner", "intents"]
+    assert status == 200 and [a["name"] for a in listing["adapters"]] == ["ner", "intents", "qa"]
     assert listing["shared_bytes"] > 0
     assert _call(port, "/openapi.json")[0] == 200
     assert proc.poll() is None
