@@ -199,6 +199,8 @@ async def _read_json(request: Any, limits: Limits) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body: not valid JSON ({exc})"[:300]) from None
+    except RecursionError:
+        raise RequestError(400, "request body: JSON nested too deeply") from None
 
 
 _REQUEST_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {

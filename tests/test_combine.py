@@ -48,6 +48,14 @@ def lora_runs(tiny_bert, tmp_path_factory) -> list[Path]:
     for name, method, seed in (("a", lora, 1), ("b", lora, 2), ("head", {"name": "head"}, 1)):
         runs.append(root / name)
         peftlab.train(ner_recipe(tiny_bert, files, runs[-1], method, epochs=15, lr=1e-2, head_lr=3e-2, seed=seed))
+    # two runs that cannot be combined with the others: rank 8, and a label set without "space"
+    runs.append(root / "r8")
+    peftlab.train(ner_recipe(tiny_bert, files, runs[-1], {**lora, "r": 8}, epochs=1))
+    no_space = {k: str(write_conll(root / f"ns-{k}.conll", [s for s in keyword_sentences(n, seed)
+                                                               if not any(t == "B-space" for _, t in s)]))
+                for k, n, seed in (("train", 80, 0), ("validation", 20, 1), ("test", 20, 2))}
+    runs.append(root / "labels")
+    peftlab.train(ner_recipe(tiny_bert, no_space, runs[-1], lora, epochs=1))
     return runs
 
 
@@ -117,8 +125,10 @@ def test_combined_checkpoint_predicts(lora_runs, tmp_path, capsys):
 
 
 def test_combine_refuses_what_it_cannot_combine_in_one_line(lora_runs, tmp_path, capsys):
-    a, b, head = lora_runs
+    a, b, head, r8, labels = lora_runs
     cases = [
+        (["--combine", str(a), str(r8)], "peft cannot combine these adapters"),
+        (["--combine", str(a), str(labels)], "its labels differ"),
         (["--combine", str(a)], "expected two or more LoRA runs"),
         (["--combine", str(a), str(head)], "method head; --combine takes LoRA runs"),
         (["--combine", str(a), str(b), "--weights", "1"], "--weights: expected 2 positive numbers"),
@@ -127,8 +137,9 @@ def test_combine_refuses_what_it_cannot_combine_in_one_line(lora_runs, tmp_path,
     ]
     for args, message in cases:
         assert cli.main(["merge", *args, "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], (args, err)
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if ln.startswith("peftlab: error")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, (args, err)
     assert not (tmp_path / "x").exists()
     with pytest.raises(PeftlabError, match="not one of"):
         combine([a, b], tmp_path / "y", how="average")

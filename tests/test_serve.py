@@ -140,6 +140,7 @@ def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_r
         ("/v1/intents/predict", b"{not json", 400, "not valid JSON"),
         ("/v1/intents/predict", b"x" * 30000, 413, "larger than 20000 bytes"),
         ("/v1/intents/predict", {"texts": "one string"}, 400, "expected a non-empty list"),
+        ("/v1/intents/predict", b"[" * 15000, 400, "nested too deeply"),
         ("/v1/qa/predict", {"texts": ["who?"]}, 400, "takes 'questions'"),
         ("/v1/qa/predict", {"questions": [{"question": "who?"}]}, 400, "questions[0].context"),
     ]

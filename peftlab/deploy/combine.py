@@ -100,7 +100,11 @@ def combined_model(runs: list, how: str, weights: Sequence[float], density: floa
         if loaded.unexpected_keys:
             raise PeftlabError(f"{folder}: adapter weights that do not fit the base: {loaded.unexpected_keys[:3]}")
     torch.manual_seed(0)  # DARE drops at random: the same runs give the same checkpoint
-    model.add_weighted_adapter(names, list(weights), COMBINED, combination_type=how, density=density)
+    try:
+        model.add_weighted_adapter(names, list(weights), COMBINED, combination_type=how, density=density)
+    except (ValueError, TypeError) as exc:  # e.g. ranks that differ, for a --how that needs one rank
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PeftlabError(f"--how {how}: peft cannot combine these adapters: {first[:300]}") from None
     model.set_adapter(COMBINED)
     for name in names:
         model.delete_adapter(name)
@@ -120,10 +124,11 @@ def _set_head(model: Any, heads: list[dict], weights: Sequence[float]) -> None:
 
 
 def source_metrics(runs: list, checkpoint: Any, verify_examples: int) -> list[dict]:
-    """Per source run: its own task metric and the combined model's on its validation rows."""
+    """Per source run: its own task metric and the combined model's on its first ``verify_examples``
+    validation rows."""
     out = []
     for run in runs:
-        rows = load_splits_or_explain(run.task, run.run_dir).validation
+        rows = load_splits_or_explain(run.task, run.run_dir).validation[:verify_examples]
         metric = run.task.check_metric(run.recipe.train.metric)
         own = task_metrics(run.model, run.task, run.tokenizer, rows)
         combined = task_metrics(checkpoint, run.task, run.tokenizer, rows)
@@ -158,6 +163,9 @@ def combine(
     check_out(out, overwrite, dirs)
     device = default_device()
     runs = [load_run(d, device=device) for d in dirs]
+    for d, run in zip(dirs[1:], runs[1:]):
+        if list(run.task.labels) != list(runs[0].task.labels):
+            raise PeftlabError(f"{d}: its labels differ from {dirs[0]}'s; combined runs must predict the same labels")
     for run in runs:
         run.model.to(device).eval()
     log.info(f"merge: combining {len(runs)} LoRA runs ({how}, weights {weights})")
