@@ -5,9 +5,9 @@
 transformers 5 has no question-answering pipeline, so the merged side is answered here by a plain
 transformers + torch decoder written apart from peftlab (run in its own process, which checks that
 peftlab was never imported): the pipeline's algorithm, i.e. question + context windows
-(``truncation="only_second"``, the recipe's ``max_length`` and ``doc_stride``), start and end
-softmaxes over the context tokens, the best span of at most ``max_answer_length`` tokens by
-p(start) * p(end), the best window. The run side is ``peftlab predict RUN_DIR`` (base + adapter).
+(``truncation="only_second"``, the recipe's ``max_length`` and ``doc_stride``), the best span
+inside the context of at most ``max_answer_length`` tokens by start logit + end logit, the best
+window by the same sum. The run side is ``peftlab predict RUN_DIR`` (base + adapter).
 The first N questions of the recipe's test file are compared; the result (agreement, both sides'
 SQuAD exact match and F1, every disagreement) is written as JSON (default:
 benchmarks/results/squad11_merged_answers.json).
@@ -44,14 +44,12 @@ def standalone_answers(merged: str, questions_file: str) -> list[dict]:
         enc.pop("overflow_to_sample_mapping")
         with torch.no_grad():
             res = model(**enc)
-        best = (-1.0, 0, 0)
+        best = (float("-inf"), 0, 0)
         for w in range(offsets.shape[0]):
             ctx = torch.tensor([s == 1 for s in enc.sequence_ids(w)])
-            p_start = res.start_logits[w].masked_fill(~ctx, float("-inf")).softmax(-1)
-            p_end = res.end_logits[w].masked_fill(~ctx, float("-inf")).softmax(-1)
             n = ctx.shape[0]
             ok = torch.ones(n, n, dtype=torch.bool).triu().tril(max_answer - 1) & ctx[:, None] & ctx[None, :]
-            scores = (p_start[:, None] * p_end[None, :]).masked_fill(~ok, -1.0)
+            scores = (res.start_logits[w][:, None] + res.end_logits[w][None, :]).masked_fill(~ok, float("-inf"))
             flat = int(scores.argmax())
             if float(scores.view(-1)[flat]) > best[0]:
                 i, j = divmod(flat, n)

@@ -168,6 +168,24 @@ def test_evaluation_pairs_every_window_with_its_question_when_sorted_by_length(t
     assert squad_scores([a["answer"] for a in wrong], refs)["exact_match"] < 50
 
 
+def test_windows_compare_by_logits_not_by_probabilities_renormalised_over_the_context():
+    """A window that points at [CLS] (it lacks the answer) and leans weakly to one context token must
+    lose to a window that points at a span: over the context alone its guess would look as sure."""
+    from peftlab.tasks.question_answering import best_span
+
+    offsets = [None, None, (0, 5), (6, 9), (10, 14), None]  # [CLS] question [SEP]... context ... [SEP]
+    leaning = torch.tensor([20.0, -10, 3, -10, -10, -10])
+    cls_window = best_span(leaning, leaning, offsets, 30)
+    answer_window = best_span(torch.tensor([0.0, 0, 0, 4, 0, 0]), torch.tensor([0.0, 0, 0, 0, 4, 0]), offsets, 30)
+    assert (cls_window.start, cls_window.end) == (0, 5) and (answer_window.start, answer_window.end) == (6, 14)
+    # softmaxes over the context alone would score these spans 1.00 and 0.93: the wrong window would win
+    assert answer_window.logit > cls_window.logit  # 8 against 6
+    assert cls_window.probability < 0.01 < answer_window.probability  # whole-window softmaxes
+    assert best_span(torch.zeros(6), torch.zeros(6), [None] * 6, 30) is None
+    too_long = best_span(torch.tensor([0.0, 0, 9, 0, 0, 0]), torch.tensor([0.0, 0, 0, 0, 9, 0]), offsets, 2)
+    assert (too_long.start, too_long.end) != (0, 14)  # max_answer_length 2 tokens: not positions 2..4
+
+
 def test_validation_is_held_out_by_whole_articles(tiny_bert, tmp_path, squad_small):
     task, _ = _task(qa_recipe(tiny_bert, squad_small, tmp_path / "r", {"name": "full"}))
     splits = task.load_splits()

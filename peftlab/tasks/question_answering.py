@@ -6,18 +6,21 @@ overlapping windows (``task_options.doc_stride`` tokens shared). Each window rem
 several processes can pair a window with the wrong question). Training targets are the first
 answer's start and end token, or the first token (``[CLS]``) in a window that does not hold it all.
 
-Decoding (evaluation and ``peftlab predict`` alike): in each window, start and end probabilities are
-softmaxes over the context tokens; a span's score is p(start) * p(end), over spans with start <= end
-no longer than ``task_options.max_answer_length`` tokens; the question's answer is the best span of
-all its windows, cut from the context by the tokenizer's character offsets. Scored with SQuAD v1.1's
-exact match and token F1 (``peftlab.metrics.squad_scores``).
+Decoding (evaluation and ``peftlab predict`` alike), as the transformers question-answering example
+does it: a span's score is start logit + end logit, over spans inside the context with start <= end
+and at most ``task_options.max_answer_length`` tokens; the question's answer is the best span of all
+its windows, cut from the context by the tokenizer's character offsets. Raw logits compare across
+windows: a window trained to point at ``[CLS]`` (it lacks the answer) scores its context low, where
+probabilities renormalised over the context alone would make its best guess look sure. The reported
+``score`` is the span's probability, p(start) * p(end) with softmaxes over the whole window. Scored
+with SQuAD v1.1's exact match and token F1 (``peftlab.metrics.squad_scores``).
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from pydantic import Field
@@ -68,9 +71,9 @@ class QuestionAnswering(Task):
             "with torch.no_grad():",
             "    out = model(**enc)",
             "in_context = torch.tensor([s == 1 for s in enc.sequence_ids(0)])",
-            "p_start = out.start_logits[0].masked_fill(~in_context, -1e9).softmax(-1)",
-            "p_end = out.end_logits[0].masked_fill(~in_context, -1e9).softmax(-1)",
-            "span = (p_start[:, None] * p_end[None, :]).triu().tril(29)  # start <= end, at most 30 tokens",
+            "ok = torch.ones(len(in_context), len(in_context), dtype=torch.bool).triu().tril(29)  # start <= end, <= 30 tokens",
+            "ok &= in_context[:, None] & in_context[None, :]",
+            "span = (out.start_logits[0][:, None] + out.end_logits[0][None, :]).masked_fill(~ok, -1e9)",
             "start, end = divmod(int(span.argmax()), span.shape[1])",
             "print(context[offsets[start][0]:offsets[end][1]])",
         ]
@@ -207,14 +210,14 @@ class QuestionAnswering(Task):
         best: list[Optional[tuple]] = [None] * len(questions)
         for w in sorted(logits):
             q, offsets = encoded.extra["windows"][w]
-            score, i, j = best_span(*logits[w], offsets, self.options.max_answer_length)
-            if best[q] is None or score > best[q][0]:
-                best[q] = (score, offsets[i][0], offsets[j][1]) if score >= 0 else (score, 0, 0)
+            span = best_span(*logits[w], offsets, self.options.max_answer_length)
+            if span is not None and (best[q] is None or span.logit > best[q].logit):
+                best[q] = span
         out = []
-        for ex, found in zip(questions, best):
-            score, start, end = found if found is not None else (0.0, 0, 0)
+        for ex, span in zip(questions, best):
+            start, end = (span.start, span.end) if span is not None else (0, 0)
             out.append({"answer": ex[context_col][start:end], "start": start, "end": end,
-                        "score": round(max(score, 0.0), 6)})
+                        "score": round(span.probability, 6) if span is not None else 0.0})
         return out
 
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: EncodedSplit) -> dict:
@@ -262,16 +265,23 @@ def _band(n: int, max_len: int) -> torch.Tensor:
     return ones.triu() & ones.tril(max_len - 1)
 
 
-def best_span(start: torch.Tensor, end: torch.Tensor, offsets: list, max_len: int) -> tuple[float, int, int]:
-    """(p(start) * p(end), start token, end token) of the window's best span inside the context;
-    score -1 when the window holds no context."""
+class Span(NamedTuple):
+    logit: float  # start logit + end logit: what windows are compared by
+    probability: float  # p(start) * p(end), softmaxes over the whole window
+    start: int  # characters of the context
+    end: int
+
+
+def best_span(start: torch.Tensor, end: torch.Tensor, offsets: list, max_len: int) -> Optional[Span]:
+    """The window's best span inside the context by start + end logit; None when it holds no context."""
     n = len(offsets)
     in_context = torch.tensor([off is not None for off in offsets], dtype=torch.bool)
     if not bool(in_context.any()):
-        return -1.0, 0, 0
-    p_start = start[:n].masked_fill(~in_context, -math.inf).softmax(-1)
-    p_end = end[:n].masked_fill(~in_context, -math.inf).softmax(-1)
+        return None
+    start, end = start[:n].float(), end[:n].float()
     allowed = _band(n, max_len) & in_context[:, None] & in_context[None, :]
-    scores = (p_start[:, None] * p_end[None, :]).masked_fill(~allowed, -1.0)
+    scores = (start[:, None] + end[None, :]).masked_fill(~allowed, -math.inf)
     flat = int(scores.argmax())
-    return float(scores.view(-1)[flat]), flat // n, flat % n
+    i, j = divmod(flat, n)
+    probability = float(start.softmax(-1)[i] * end.softmax(-1)[j])
+    return Span(float(scores.view(-1)[flat]), probability, offsets[i][0], offsets[j][1])
