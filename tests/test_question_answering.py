@@ -258,6 +258,32 @@ def test_lora_merges_and_predicts_the_same_answers_as_the_run(tiny_bert, tmp_pat
     assert result["run_scores"] == result["merged_scores"]
 
 
+def test_without_token_types_the_model_sees_type_0_and_its_merged_checkpoint_ignores_them(tiny_bert, tmp_path,
+                                                                                          squad_small):
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    recipe = qa_recipe(tiny_bert, squad_small, tmp_path / "run", {"name": "lora", "r": 4}, epochs=1)
+    recipe["task_options"]["token_type_ids"] = False
+    task, tok = _task(recipe)
+    encoded = task.encode(task.load_splits().train[:5], tok, "train")
+    assert all("token_type_ids" not in f for f in encoded.features)
+    peftlab.train(recipe)
+    merged = tmp_path / "merged"
+    assert peftlab.merge(tmp_path / "run", merged)["passed"]
+    model = AutoModelForQuestionAnswering.from_pretrained(str(merged)).eval()
+    table = model.bert.embeddings.token_type_embeddings.weight
+    assert torch.equal(table[1], table[0])
+    doc = json.loads(Path(squad_small["test"]).read_text())
+    qa = doc["data"][0]["paragraphs"][0]
+    enc = AutoTokenizer.from_pretrained(str(merged))(qa["qas"][0]["question"], qa["context"], truncation="only_second",
+                                                     max_length=96, return_tensors="pt")
+    assert int(enc["token_type_ids"].max()) == 1  # a plain transformers user passes them
+    with torch.no_grad():
+        typed = model(**enc)
+        untyped = model(**{k: v for k, v in enc.items() if k != "token_type_ids"})
+    assert torch.equal(typed.start_logits, untyped.start_logits) and torch.equal(typed.end_logits, untyped.end_logits)
+
+
 # ----------------------------------------------------------------------------------------- errors
 
 

@@ -308,6 +308,7 @@ def _merged_model(run: Any, quantized_base: str, dtype: str) -> Any:
 
 
 def _save_merged(run: Any, merged: Any, folder: Path) -> None:
+    merged = run.task.merged_model(merged)
     merged.save_pretrained(str(folder))
     run.tokenizer.save_pretrained(str(folder))
     bad = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]

@@ -95,6 +95,11 @@ class Task:
             "label2id": self.label2id,
         }
 
+    def merged_model(self, model: Any) -> Any:
+        """The merged model just before it is saved as a plain checkpoint: a task that feeds its model
+        differently from a plain transformers user makes the checkpoint answer the same either way."""
+        return model
+
     def prepare_model(self, model: Any, path: Optional[str] = None) -> Any:
         """The transformers model just loaded from ``path`` (the backbone, or a saved checkpoint),
         made this task's model: a task whose head transformers lacks installs it here and reads its

@@ -42,6 +42,11 @@ class QAOptions(NoOptions):
         "{text: [...], answer_start: [...]} as in the hub's squad; the first answer is the training target.")
     doc_stride: int = Field(128, gt=0, description="Tokens shared by consecutive windows of a long context.")
     max_answer_length: int = Field(30, gt=0, description="Longest answer considered, in tokens.")
+    token_type_ids: bool = Field(
+        True, description="Mark the context as the pair's second segment (token type 1, as BERT was "
+        "pretrained). false: every token is type 0, for a backbone trained on single texts whose frozen "
+        "type-1 embedding a LoRA cannot adapt; a merged checkpoint then gives type 1 type 0's embedding, "
+        "so it answers the same whether or not a user passes token types.")
 
 
 @register_task
@@ -137,12 +142,13 @@ class QuestionAnswering(Task):
                         max_length=max_length, stride=o.doc_stride, return_overflowing_tokens=True,
                         return_offsets_mapping=True)
         cls_id = tokenizer.cls_token_id
+        skip = {"offset_mapping", "overflow_to_sample_mapping"} | (set() if o.token_type_ids else {"token_type_ids"})
         features, windows, owners = [], {}, []
         for w, q in enumerate(enc["overflow_to_sample_mapping"]):
             offsets = [tuple(off) if s == 1 else None for off, s in zip(enc["offset_mapping"][w], enc.sequence_ids(w))]
             ids = enc["input_ids"][w]
             start, end = self._target(examples[q], offsets, ids.index(cls_id) if cls_id in ids else 0)
-            feat = {k: enc[k][w] for k in enc.keys() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+            feat = {k: enc[k][w] for k in enc.keys() if k not in skip}
             features.append({**feat, "start_positions": start, "end_positions": end, "_window": w})
             windows[w] = (q, offsets)
             owners.append(examples[q])
@@ -173,6 +179,15 @@ class QuestionAnswering(Task):
         start = next(i for i in inside if offsets[i][1] > first)
         end = next(i for i in reversed(inside) if offsets[i][0] < last)
         return start, end
+
+    def merged_model(self, model: Any) -> Any:
+        if not self.options.token_type_ids:  # trained on type 0 only: make every type type 0
+            with torch.no_grad():
+                for module in model.modules():
+                    table = getattr(module, "token_type_embeddings", None)
+                    if isinstance(table, torch.nn.Embedding):
+                        table.weight[1:] = table.weight[0]
+        return model
 
     def collator(self, tokenizer: Any):
         return DataCollatorWithPadding(tokenizer)
