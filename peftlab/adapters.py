@@ -48,6 +48,19 @@ class AdapterSet:
         with self._locks.setdefault(name, threading.Lock()):
             return predict(predictor, inputs, batch_size=batch_size)
 
+    def predict_mixed(self, requests: Iterable[tuple[str, Any]], batch_size: int = 32) -> list[dict]:
+        """Rows for ``(adapter, input)`` pairs in any mix, in input order: run as one batch per adapter."""
+        requests = list(requests)
+        groups: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(requests):
+            self.get(name)
+            groups.setdefault(name, []).append(i)
+        out: list[Optional[dict]] = [None] * len(requests)
+        for name, members in groups.items():
+            for i, row in zip(members, self.predict(name, [requests[i][1] for i in members], batch_size)):
+                out[i] = row
+        return out  # type: ignore[return-value]
+
     def describe(self) -> list[dict]:
         """One entry per adapter: name, task, source folder and kind, labels."""
         return [{"name": n, "task": p.task, "source": p.source, "path": str(p.path), "labels": list(p.labels),

@@ -49,6 +49,8 @@ def test_every_method_predicts_as_alone_and_the_frozen_base_is_held_once(cls_run
     for name in cls_runs:
         assert adapters.predict(name, TEXTS) == alone[name], name
     assert adapters.predict("ner", TEXTS) == predict(ner_run, TEXTS)
+    mixed = [(name, text) for text in TEXTS for name in ("lora", "ner", "prefix")]
+    assert adapters.predict_mixed(mixed) == [adapters.predict(name, [text])[0] for name, text in mixed]
     # the word embeddings of every method that froze them are one tensor; the full fine-tune's are its own
     ptrs = {n: next(p.data_ptr() for k, p in adapters.get(n).model.named_parameters() if "word_embeddings" in k)
             for n in adapters.names()}
