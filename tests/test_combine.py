@@ -133,6 +133,8 @@ def test_combine_refuses_what_it_cannot_combine_in_one_line(lora_runs, tmp_path,
         (["--combine", str(a), str(head)], "method head; --combine takes LoRA runs"),
         (["--combine", str(a), str(b), "--weights", "1"], "--weights: expected 2 positive numbers"),
         (["--combine", str(a), str(b), "--density", "0"], "--density"),
+        (["--combine", str(a), str(b), "--verify-examples", "0"], "--verify-examples"),
+        (["--combine", str(a), str(b), "--min-fraction", "2"], "--min-fraction"),
         ([str(a), "--combine", str(a), str(b)], "give the runs to combine after --combine only"),
     ]
     for args, message in cases:

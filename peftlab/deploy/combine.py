@@ -160,6 +160,8 @@ def combine(
     check_sources(dirs, how, weights, density)
     if not 0 <= min_fraction <= 1:
         raise PeftlabError("--min-fraction: expected a fraction between 0 and 1")
+    if verify_examples < 1:
+        raise PeftlabError("--verify-examples: expected a positive number of validation examples")
     check_out(out, overwrite, dirs)
     device = default_device()
     runs = [load_run(d, device=device) for d in dirs]
