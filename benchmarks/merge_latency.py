@@ -71,6 +71,9 @@ def load_sentences(n: int) -> list[list[str]]:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks; nan for no values."""
+    if not values:
+        return float("nan")
     values = sorted(values)
     k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)

@@ -35,6 +35,8 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from merge_latency import percentile  # this folder is the script's first import path
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_latency"
@@ -159,14 +161,6 @@ def load(targets: list[tuple[int, str, str]], concurrency: int) -> dict:
     return {"requests": len(ms), "errors": len(errors), "wall_s": round(wall, 2),
             "requests_per_s": round(len(ms) / wall, 2), "p50_ms": round(percentile(ms, 0.5), 1),
             "p95_ms": round(percentile(ms, 0.95), 1), "mean_ms": round(statistics.fmean(ms), 1) if ms else None}
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def main(argv=None) -> int:

@@ -138,6 +138,15 @@ def cls_recipe(backbone: str, files: dict, out: Path, method: dict, **train) -> 
     return r
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     import subprocess
 

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import yaml
 
-from conftest import ROOT, ner_recipe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ROOT, free_port, ner_recipe
 
 
 def launch(recipe_path, extra_env, *args, multi_gpu=True, timeout=600, config_file=None):

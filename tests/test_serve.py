@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import peftlab
-from conftest import ROOT, cls_recipe, read_sentences
+from conftest import ROOT, cls_recipe, free_port, read_sentences
 from peftlab.adapters import adapter_names, load_adapters
 from peftlab.errors import PeftlabError
 from peftlab.predict import load_predictor, predict
@@ -72,12 +71,6 @@ def test_adapter_names_are_checked(tmp_path):
         load_adapters([str(tmp_path / "missing")])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _call(port: int, path: str, body: bytes | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
                                  headers={"Content-Type": "application/json"})
@@ -105,7 +98,7 @@ def qa_items(squad_small: dict, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(cls_runs, ner_run, qa_run):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "serve", f"ner={ner_run}",
                              f"intents={cls_runs['lora']}", f"qa={qa_run}", "--port", str(port), "--max-batch", "8",
                              "--max-length", "2000", "--max-request-bytes", "20000"],
