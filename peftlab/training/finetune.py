@@ -12,6 +12,7 @@ Only rank 0 writes. Every file that marks a result as done is written atomically
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import shutil
@@ -430,8 +431,16 @@ class FineTuneRecipe:
             log.info("done: %s (dev %s %.4f at epoch %s%s)", self.run_dir, self.metric, s.best, s.best_epoch,
                      f"; test {self.metric} {test_metrics[self.metric]:.4f}" if test_metrics else "")
         acc.wait_for_everyone()
-        acc.end_training()
+        self._end_processes()
         return results
+
+    def _end_processes(self) -> None:
+        """End the process group while Python is whole: DDP's reducer holds it, and a gloo group left to
+        interpreter shutdown can abort the process after a finished run (terminate without an active exception)."""
+        self.model = self.unwrapped()
+        self.accelerator.free_memory()  # accelerate's own references to the prepared model, optimizer, loaders
+        gc.collect()
+        self.accelerator.end_training()  # destroy_process_group
 
     def _test(self) -> Optional[dict]:
         if "test" not in self.eval_dls:
