@@ -6,11 +6,15 @@ folder. What the runs have in common is held once: after each load, every floati
 to one already loaded (the frozen backbone under LoRA, the peft tuners, bottleneck adapters, prefix
 tuning or a trained head) is pointed at that tensor, and the copy is freed. Weights are only compared
 and shared, never changed, so each adapter computes what it computes alone. Quantized weights (int8,
-4-bit) and anything a method changed (a full fine-tune's backbone) stay each run's own.
+4-bit) and anything a method changed (a full fine-tune's backbone) stay each run's own. LoRA runs on
+the shared backbone also share forward passes: a batch mixing them runs the backbone once
+(:mod:`peftlab.mixed`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -20,7 +24,10 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from .errors import PeftlabError
+from .mixed import MixedLora
 from .predict import Predictor, load_predictor, predict
+
+log = logging.getLogger("peftlab")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -31,6 +38,7 @@ class AdapterSet:
 
     predictors: dict[str, Predictor]
     shared_bytes: int = 0
+    mixer: Optional[MixedLora] = None  # the LoRA adapters that share forward passes (None: none can)
     # one forward at a time per adapter: predictors keep per-call state (a CRF head, a generation cache)
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
 
@@ -49,22 +57,34 @@ class AdapterSet:
             return predict(predictor, inputs, batch_size=batch_size)
 
     def predict_mixed(self, requests: Iterable[tuple[str, Any]], batch_size: int = 32) -> list[dict]:
-        """Rows for ``(adapter, input)`` pairs in any mix, in input order: run as one batch per adapter."""
+        """Rows for ``(adapter, input)`` pairs in any mix, in input order. LoRA adapters that can share a
+        forward pass (``peftlab.mixed``) run together, ``batch_size`` rows per pass; others one batch
+        per adapter."""
         requests = list(requests)
         groups: dict[str, list[int]] = {}
         for i, (name, _) in enumerate(requests):
             self.get(name)
             groups.setdefault(name, []).append(i)
         out: list[Optional[dict]] = [None] * len(requests)
+        mixed = [n for n in groups if self.mixer is not None and n in self.mixer.members]
+        if len(mixed) > 1:
+            with contextlib.ExitStack() as held:
+                for name in sorted(mixed):  # one order, so two callers never wait on each other
+                    held.enter_context(self._locks.setdefault(name, threading.Lock()))
+                rows = self.mixer.predict({n: [requests[i][1] for i in groups[n]] for n in mixed}, batch_size)
+            for name in mixed:
+                for i, row in zip(groups.pop(name), rows[name]):
+                    out[i] = row
         for name, members in groups.items():
             for i, row in zip(members, self.predict(name, [requests[i][1] for i in members], batch_size)):
                 out[i] = row
         return out  # type: ignore[return-value]
 
     def describe(self) -> list[dict]:
-        """One entry per adapter: name, task, source folder and kind, labels."""
+        """One entry per adapter: name, task, source folder and kind, labels, whether it joins mixed batches."""
         return [{"name": n, "task": p.task, "source": p.source, "path": str(p.path), "labels": list(p.labels),
-                 "max_length": p.max_length} for n, p in self.predictors.items()]
+                 "max_length": p.max_length, "mixed_batches": self.mixer is not None and n in self.mixer.members}
+                for n, p in self.predictors.items()]
 
 
 def adapter_names(paths: list[str]) -> list[tuple[str, Path]]:
@@ -94,7 +114,17 @@ def load_adapters(paths: Iterable[Union[str, Path]], device: Optional[torch.devi
         predictor = load_predictor(folder, device=device)
         shared += share_weights(predictor.model, index)
         predictors[name] = predictor
-    return AdapterSet(predictors, shared)
+    return AdapterSet(predictors, shared, _mixer(predictors))
+
+
+def _mixer(predictors: dict[str, Predictor]) -> Optional[MixedLora]:
+    try:
+        mixer = MixedLora(predictors)
+    except (ValueError, TypeError, RuntimeError, KeyError, AttributeError) as exc:  # peft would not take them
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("adapters: LoRA adapters run one batch each (no mixed batches): %s", first[:200])
+        return None
+    return mixer if mixer.members else None
 
 
 def _key(t: torch.Tensor) -> tuple:

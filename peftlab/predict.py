@@ -19,9 +19,12 @@ What comes out depends on the task (one dict per input text, in input order):
 * ``causal_lm``: ``{"text", "completion"}`` (greedy, the task's own ``generate``; the recipe's
   prompt template applies when the folder carries the recipe).
 * ``question_answering``: ``{"question", "answer", "start", "end", "score"}`` (``start``/``end``: the
-  answer's characters in the context), from the task's own ``predict_rows``.
-* further tasks register ``fn(predictor, texts, batch_size, advance)`` with :func:`register_predictor`;
-  ``_PREDICTORS`` is the dispatch point by task.
+  answer's characters in the context), from the task's own ``predict_plans``.
+
+Tasks whose prediction is forward passes plus decoding give :class:`~peftlab.tasks.Plan` s (registered
+with :func:`register_planner`, or the task's own ``predict_plans``): :func:`run_plans` runs them on
+one model, and ``peftlab.mixed`` runs several LoRA adapters' plans in shared forward passes. Others
+(generation) register ``fn(predictor, texts, batch_size, advance)`` with :func:`register_predictor`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 
 from .errors import PeftlabError
+from .tasks import Plan
 from .util import default_device, is_bnb_model
 
 PathLike = Union[str, Path]
@@ -67,7 +71,9 @@ class Predictor:
 
 
 PredictFn = Callable[[Predictor, list[str], int, Optional[Callable[[int], None]]], list[dict]]
+PlanFn = Callable[[Predictor, list, int, int], Iterable[Plan]]
 _PREDICTORS: dict[str, PredictFn] = {}
+_PLANNERS: dict[str, PlanFn] = {}  # tasks whose predictions are forward passes (see Plan): mixable
 
 
 def register_predictor(task: str) -> Callable[[PredictFn], PredictFn]:
@@ -75,6 +81,16 @@ def register_predictor(task: str) -> Callable[[PredictFn], PredictFn]:
 
     def deco(fn: PredictFn) -> PredictFn:
         _PREDICTORS[task] = fn
+        return fn
+
+    return deco
+
+
+def register_planner(task: str) -> Callable[[PlanFn], PlanFn]:
+    """``@register_planner(task)`` on ``fn(predictor, inputs, batch_size, top_k) -> plans``."""
+
+    def deco(fn: PlanFn) -> PlanFn:
+        _PLANNERS[task] = fn
         return fn
 
     return deco
@@ -199,24 +215,53 @@ def predict(
     texts = [texts] if isinstance(texts, (str, dict)) else list(texts)
     if batch_size < 1:
         raise PeftlabError("--batch-size: expected a positive number")
-    fn = _PREDICTORS.get(predictor.task) or _task_predictor(predictor)
-    if predictor.task in _PREDICTORS and any(isinstance(t, dict) for t in texts):
-        raise PeftlabError(f"{predictor.path}: task {predictor.task} predicts texts, not question/context pairs")
-    if fn is None:
+    planner = plans_of(predictor)
+    if planner is None and predictor.task not in _PREDICTORS:
         raise PeftlabError(
             f"{predictor.path}: predict does not support task '{predictor.task}' yet "
-            f"(supported: {', '.join(sorted(_PREDICTORS))})"
+            f"(supported: {', '.join(sorted({*_PREDICTORS, *_PLANNERS}))})"
         )
+    if predictor.task in (_PLANNERS.keys() | _PREDICTORS.keys()) and any(isinstance(t, dict) for t in texts):
+        raise PeftlabError(f"{predictor.path}: task {predictor.task} predicts texts, not question/context pairs")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), desc="predict", unit="text", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    advance = bar.update if bar is not None else None
     try:
-        return fn(predictor, texts, batch_size, bar.update if bar is not None else None)
+        if planner is not None:
+            return run_plans(predictor, planner(texts, batch_size), len(texts), advance)
+        return _PREDICTORS[predictor.task](predictor, texts, batch_size, advance)
     finally:
         if bar is not None:
             bar.close()
+
+
+@torch.no_grad()
+def run_plans(p: Predictor, plans: Iterable[Plan], n: int, advance: Optional[Callable[[int], None]] = None) -> list[dict]:
+    """Rows for ``n`` inputs from their plans, each batch a forward pass of the predictor's own model."""
+    results: list[Optional[dict]] = [None] * n
+    for plan in plans:
+        for j, batch in enumerate(plan.batches):
+            plan.take(j, p.model(**{k: v.to(p.device) for k, v in batch.items()}))
+        for i, row in zip(plan.indices, plan.finish()):
+            results[i] = row
+        if advance is not None:
+            advance(len(plan.indices))
+    return results  # type: ignore[return-value]
+
+
+def plans_of(p: Predictor, top_k: int = 1) -> Optional[Callable[[list, int], Iterable[Plan]]]:
+    """``fn(inputs, batch_size) -> plans`` for the predictor's task, if it predicts through plans."""
+    if p.task in _PLANNERS:
+        return lambda inputs, size: _PLANNERS[p.task](p, inputs, size, top_k)
+    if p.task in _PREDICTORS:
+        return None
+    task = _task_of(p)
+    if not hasattr(task, "predict_plans"):
+        return None
+    return lambda inputs, size: task.predict_plans(p.tokenizer, inputs, size)
 
 
 def _batches(n: int, size: int, lengths: list[int]) -> Iterator[list[int]]:
@@ -255,47 +300,53 @@ def tag_spans(tags: list[str], iob: bool = True) -> list[tuple[str, int, int]]:
     return spans
 
 
-@register_predictor("token_classification")
-@torch.no_grad()
-def predict_entities(p: Predictor, texts: list[str], batch_size: int, advance: Optional[Callable[[int], None]]) -> list[dict]:
+@register_planner("token_classification")
+def plan_entities(p: Predictor, texts: list[str], batch_size: int, top_k: int = 1) -> Iterator[Plan]:
+    """One plan per batch of texts of similar length (texts without a word need no forward)."""
     words = [split_words(t) for t in texts]
-    results: list[Optional[dict]] = [None] * len(texts)
-    iob = _is_iob(p.labels)
     for idx in _batches(len(texts), batch_size, [len(w) for w in words]):
         todo = [i for i in idx if words[i]]
-        for i in idx:
-            if not words[i]:
-                results[i] = {"text": texts[i], "entities": []}
-        if todo:
-            enc = p.tokenizer(
-                [[w for w, _, _ in words[i]] for i in todo], is_split_into_words=True, truncation=True,
-                max_length=p.max_length, padding=True, return_tensors="pt",
-            )
-            inputs = {k: v.to(p.device) for k, v in enc.items()}
-            best_p, best_id = _tags_and_scores(p, p.model(**inputs).logits.float(), enc)
-            for row, i in enumerate(todo):
-                n_words = len(words[i])
-                tags, scores = ["O"] * n_words, [0.0] * n_words
-                seen = set()
-                for pos, w in enumerate(enc.word_ids(row)):
-                    if w is None or w in seen:
-                        continue  # special tokens and later sub-tokens
-                    seen.add(w)
-                    tags[w] = p.labels[int(best_id[row, pos])]
-                    scores[w] = float(best_p[row, pos])
-                entities = []
-                for kind, s, e in tag_spans(tags, iob):
-                    start, end = words[i][s][1], words[i][e][2]
-                    entities.append({
-                        "text": texts[i][start:end], "type": kind, "start": start, "end": end,
-                        "score": round(sum(scores[s : e + 1]) / (e - s + 1), 6),
-                    })
-                results[i] = {"text": texts[i], "entities": entities}
-                if len(seen) < n_words:
-                    results[i]["words_not_seen"] = n_words - len(seen)  # truncated (tagged O)
-        if advance is not None:
-            advance(len(idx))
-    return results  # type: ignore[return-value]
+        enc = p.tokenizer([[w for w, _, _ in words[i]] for i in todo], is_split_into_words=True, truncation=True,
+                          max_length=p.max_length, padding=True, return_tensors="pt") if todo else None
+        yield _entity_plan(p, texts, words, idx, todo, enc)
+
+
+def _entity_plan(p: Predictor, texts: list[str], words: list, idx: list[int], todo: list[int], enc: Any) -> Plan:
+    found: dict[str, torch.Tensor] = {}
+    iob = _is_iob(p.labels)
+
+    def take(j: int, out: Any) -> None:
+        found["p"], found["id"] = _tags_and_scores(p, out.logits.float(), enc)
+
+    def finish() -> list[dict]:
+        rows = {i: {"text": texts[i], "entities": []} for i in idx if not words[i]}
+        for row, i in enumerate(todo):
+            rows[i] = _entities(p, texts[i], words[i], enc.word_ids(row), found["p"][row], found["id"][row], iob)
+        return [rows[i] for i in idx]
+
+    return Plan(list(idx), [dict(enc)] if todo else [], take, finish)
+
+
+def _entities(p: Predictor, text: str, words: list, word_ids: list, best_p: torch.Tensor, best_id: torch.Tensor,
+              iob: bool) -> dict:
+    """The text's entities from the tag of each word's first sub-token (words cut off by truncation: O)."""
+    tags, scores = ["O"] * len(words), [0.0] * len(words)
+    seen = set()
+    for pos, w in enumerate(word_ids):
+        if w is None or w in seen:
+            continue  # special tokens and later sub-tokens
+        seen.add(w)
+        tags[w] = p.labels[int(best_id[pos])]
+        scores[w] = float(best_p[pos])
+    entities = []
+    for kind, s, e in tag_spans(tags, iob):
+        start, end = words[s][1], words[e][2]
+        entities.append({"text": text[start:end], "type": kind, "start": start, "end": end,
+                         "score": round(sum(scores[s : e + 1]) / (e - s + 1), 6)})
+    result = {"text": text, "entities": entities}
+    if len(seen) < len(words):
+        result["words_not_seen"] = len(words) - len(seen)  # truncated (tagged O)
+    return result
 
 
 def _tags_and_scores(p: Predictor, logits: torch.Tensor, enc: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,25 +373,32 @@ def _tags_and_scores(p: Predictor, logits: torch.Tensor, enc: Any) -> tuple[torc
 # ------------------------------------------------------------------------------- classification
 
 
-@register_predictor("sequence_classification")
-@torch.no_grad()
-def predict_labels(p: Predictor, texts: list[str], batch_size: int, advance: Optional[Callable[[int], None]],
-                   top_k: int = 1) -> list[dict]:
-    results: list[Optional[dict]] = [None] * len(texts)
+@register_planner("sequence_classification")
+def plan_labels(p: Predictor, texts: list[str], batch_size: int, top_k: int = 1) -> Iterator[Plan]:
     problem = getattr(p.model.config, "problem_type", None)
     threshold = _dev_threshold(p.path) if problem == "multi_label_classification" else None
     for idx in _batches(len(texts), batch_size, [len(t) for t in texts]):
         enc = p.tokenizer([texts[i] for i in idx], truncation=True, max_length=p.max_length, padding=True,
                           return_tensors="pt")
-        logits = p.model(**{k: v.to(p.device) for k, v in enc.items()}).logits.float().cpu()
-        for row, i in enumerate(idx):
-            if problem in ("multi_label_classification", "regression"):
-                results[i] = _multi_or_score(p, texts[i], logits[row], threshold)
-            else:
-                results[i] = _single_label(p, texts[i], logits[row].softmax(-1), top_k)
-        if advance is not None:
-            advance(len(idx))
-    return results  # type: ignore[return-value]
+        yield _label_plan(p, texts, idx, dict(enc), problem, threshold, top_k)
+
+
+def _label_plan(p: Predictor, texts: list[str], idx: list[int], inputs: dict, problem: Optional[str],
+                threshold: Optional[float], top_k: int) -> Plan:
+    found: list[torch.Tensor] = []
+
+    def finish() -> list[dict]:
+        if problem in ("multi_label_classification", "regression"):
+            return [_multi_or_score(p, texts[i], found[0][row], threshold) for row, i in enumerate(idx)]
+        return [_single_label(p, texts[i], found[0][row].softmax(-1), top_k) for row, i in enumerate(idx)]
+
+    return Plan(list(idx), [inputs], lambda j, out: found.append(out.logits.float().cpu()), finish)
+
+
+def predict_labels(p: Predictor, texts: list[str], batch_size: int, advance: Optional[Callable[[int], None]],
+                   top_k: int = 1) -> list[dict]:
+    """Sequence classification rows, the ``top_k`` labels of each (``peftlab predict --top-k``)."""
+    return run_plans(p, plan_labels(p, texts, batch_size, top_k), len(texts), advance)
 
 
 def _single_label(p: Predictor, text: str, probs: torch.Tensor, top_k: int) -> dict:
@@ -402,14 +460,6 @@ def predict_completions(p: Predictor, texts: list[str], batch_size: int,
     return out
 
 
-def _task_predictor(p: Predictor) -> Optional[PredictFn]:
-    """The predict function of a task that predicts by itself (``Task.predict_rows``)."""
-    task = _task_of(p)
-    if not hasattr(task, "predict_rows"):
-        return None
-    return lambda p, items, size, advance: task.predict_rows(p.model, p.tokenizer, items, size, p.device, advance)
-
-
 def _task_of(p: Predictor) -> Any:
     """The task object of the folder (a run's, or a merged checkpoint's peftlab_merge.json), else the
     task's defaults for a bare checkpoint (inputs up to its own length limit)."""
@@ -419,7 +469,7 @@ def _task_of(p: Predictor) -> Any:
     from .tasks import get_task_class
 
     cls = get_task_class(p.task)
-    data = {"train": "-", **({"max_length": min(384, p.max_length)} if hasattr(cls, "predict_rows") else {})}
+    data = {"train": "-", **({"max_length": min(384, p.max_length)} if hasattr(cls, "predict_plans") else {})}
     recipe = recipe_from_dict({"backbone": {"name": str(p.path)}, "task": p.task, "method": {"name": "full"},
                                "data": data}, source=str(p.path))
     return cls(recipe)

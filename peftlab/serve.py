@@ -4,8 +4,9 @@ Routes: ``POST /v1/{adapter}/predict`` with ``{"texts": [...]}`` (or, for questi
 ``{"questions": [{"question", "context"}, ...]}``) answers ``{"adapter", "predictions"}``, the rows
 ``peftlab predict`` prints; ``GET /v1/adapters``; ``GET /health``; OpenAPI docs at ``/docs``.
 
-Requests that arrive while the model is busy are batched together (grouped by adapter, up to
-``max_batch`` inputs per forward pass). One worker thread runs the model, so the event loop keeps
+Requests that arrive while the model is busy are batched together, up to ``max_batch`` inputs per
+forward pass: LoRA adapters on the shared backbone in one pass (``peftlab.mixed``), others grouped by
+adapter. One worker thread runs the model, so the event loop keeps
 accepting requests. A bad request gets a 4xx with one ``{"error": "..."}`` line and never stops the
 server; an input the model rejects fails its own request only.
 """
@@ -115,24 +116,18 @@ class Batcher:
         return pending
 
     def _compute(self, pending: list[tuple]) -> list[Any]:
-        """Per request: its rows or the exception it gets. Requests of one adapter run as one batch;
-        if that batch fails on an input, each request runs alone so only the bad one fails."""
-        outcomes: list[Any] = [None] * len(pending)
-        groups: dict[str, list[int]] = {}
-        for i, (name, _, _) in enumerate(pending):
-            groups.setdefault(name, []).append(i)
-        for name, members in groups.items():
-            items = [item for i in members for item in pending[i][1]]
-            try:
-                rows = self.adapters.predict(name, items, batch_size=self.limits.max_batch)
-            except Exception:  # noqa: BLE001 - isolate the request that caused it
-                for i in members:
-                    outcomes[i] = self._alone(name, pending[i][1])
-                continue
-            start = 0
-            for i in members:
-                outcomes[i] = rows[start:start + len(pending[i][1])]
-                start += len(pending[i][1])
+        """Per request: its rows or the exception it gets. The requests run together (LoRA adapters in
+        shared forward passes, others one batch per adapter); if that fails on an input, each request
+        runs alone so only the bad one fails."""
+        try:
+            rows = self.adapters.predict_mixed([(name, item) for name, items, _ in pending for item in items],
+                                               batch_size=self.limits.max_batch)
+        except Exception:  # noqa: BLE001 - isolate the request that caused it
+            return [self._alone(name, items) for name, items, _ in pending]
+        outcomes, start = [], 0
+        for _, items, _ in pending:
+            outcomes.append(rows[start:start + len(items)])
+            start += len(items)
         return outcomes
 
     def _alone(self, name: str, items: list) -> Any:

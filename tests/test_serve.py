@@ -90,6 +90,16 @@ def qa_run(tiny_bert, squad_small, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def crf_run(tiny_bert, wnut_small, tmp_path_factory) -> Path:
+    from conftest import ner_recipe
+
+    out = tmp_path_factory.mktemp("serve-crf") / "crf"
+    recipe = ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4, "alpha": 8}, epochs=2, lr=1e-2)
+    peftlab.train({**recipe, "task_options": {"head": "crf"}})
+    return out
+
+
 def qa_items(squad_small: dict, n: int) -> list[dict]:
     doc = json.loads(Path(squad_small["test"]).read_text())
     return [{"question": qa["question"], "context": p["context"]}
@@ -164,9 +174,56 @@ def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_r
     assert _call(port, "/health") == (200, {"status": "ok", "adapters": 3})
     status, listing = _call(port, "/v1/adapters")
     assert status == 200 and [a["name"] for a in listing["adapters"]] == ["ner", "intents", "qa"]
-    assert listing["shared_bytes"] > 0
+    assert listing["shared_bytes"] > 0 and all(a["mixed_batches"] for a in listing["adapters"])
     assert _call(port, "/openapi.json")[0] == 200
     assert proc.poll() is None
+
+
+def _same(got, expected, where="") -> None:
+    """Equal rows, scores and probabilities within float noise (padding to another length)."""
+    if isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-5), where
+    elif isinstance(expected, dict):
+        assert set(got) == set(expected), where
+        for k in expected:
+            _same(got[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for n, (a, b) in enumerate(zip(got, expected)):
+            _same(a, b, f"{where}[{n}]")
+    else:
+        assert got == expected, where
+
+
+def test_lora_adapters_of_three_tasks_share_one_forward_pass(cls_runs, ner_run, qa_run, crf_run, wnut_small,
+                                                             squad_small):
+    import random
+
+    import torch
+
+    sentences, questions = read_sentences(wnut_small["test"], 6), qa_items(squad_small, 4)
+    paths = {"ner": ner_run, "intents": cls_runs["lora"], "qa": qa_run, "houlsby": cls_runs["houlsby"], "crf": crf_run}
+    adapters = load_adapters([f"{n}={p}" for n, p in paths.items()])
+    assert [a["mixed_batches"] for a in adapters.describe()] == [True, True, True, False, True]
+    requests = [(n, s) for n in ("ner", "intents", "houlsby", "crf") for s in sentences] + [("qa", q) for q in questions]
+    random.Random(0).shuffle(requests)
+    calls: list = []
+    adapters.mixer.trunk.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(list(kwargs["adapter_names"])), with_kwargs=True)
+    got = adapters.predict_mixed(requests, batch_size=128)
+    assert len(calls) == 1 and len(set(calls[0])) == 4  # one pass over the backbone for NER, CRF, intents, QA rows
+    alone = {n: dict(zip(map(json.dumps, [i for m, i in requests if m == n]),
+                         predict(paths[n], [i for m, i in requests if m == n]))) for n in paths}
+    _same(got, [alone[n][json.dumps(i)] for n, i in requests])
+    assert any(row.get("entities") for row in got)
+    # each run's LoRA weights take part: its rows through its adapter differ from the bare backbone's
+    enc = adapters.get("intents").tokenizer(sentences, padding=True, return_tensors="pt")
+    for name in ("ner", "intents", "qa", "crf"):
+        adapter = adapters.mixer.members[name][0]
+        with torch.no_grad():
+            own, bare = (adapters.mixer.trunk(**enc, adapter_names=[a] * len(sentences)).last_hidden_state
+                         for a in (adapter, "__base__"))
+        assert (own - bare).abs().max() > 1e-3, name
 
 
 def test_serve_refuses_bad_arguments_in_one_line(tmp_path):

@@ -28,6 +28,7 @@ from ..atomicio import atomic_dir, write_json, write_text
 from ..backbones import auto_class
 from ..errors import PeftlabError, VerificationError
 from ..methods import merge_peft_model
+from ..methods.lora import headless_lora_config
 from ..outputs import mark
 from ..runs import MODEL_DIR, load_run
 from ..util import default_device
@@ -83,13 +84,7 @@ def combined_model(runs: list, how: str, weights: Sequence[float], density: floa
     model, head_tensors = None, []
     for run, name in zip(runs, names):
         folder = run.run_dir / MODEL_DIR
-        config = PeftConfig.from_pretrained(str(folder))
-        # no task type and no modules_to_save: peft would wrap the head per adapter and then refuse to
-        # combine adapters that share it; the heads are combined here
-        heads = set(config.modules_to_save or ())
-        if isinstance(config.target_modules, (list, set)):  # a head listed there was trained whole, not adapted
-            config.target_modules = {t for t in config.target_modules if t not in heads}
-        config.modules_to_save, config.task_type, config.inference_mode = None, None, True
+        config = headless_lora_config(PeftConfig.from_pretrained(str(folder)))  # the heads are combined here
         state = load_file(str(folder / "adapter_model.safetensors"))
         head_tensors.append({k: v for k, v in state.items() if ".lora_" not in k})
         if model is None:

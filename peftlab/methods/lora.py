@@ -81,3 +81,20 @@ class Lora(Method):
 
     def merge(self, model: Any) -> Any:
         return merge_peft_model(model)
+
+
+def headless_lora_config(config: Any) -> Any:
+    """A copy of a run's LoRA config for a base without its task head (combining adapters, mixed
+    batches): no task type and no modules_to_save (peft would wrap the head per adapter and refuse to
+    share it), the head's names out of target_modules (a head listed there was trained whole, not
+    adapted), and the default initialisation (the weights are replaced; PiSSA-style initialisations
+    would change the shared base)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    heads = set(config.modules_to_save or ())
+    if isinstance(config.target_modules, (list, set)):
+        config.target_modules = {t for t in config.target_modules if t not in heads}
+    config.modules_to_save, config.task_type, config.inference_mode = None, None, True
+    config.init_lora_weights = True
+    return config

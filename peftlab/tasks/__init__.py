@@ -8,7 +8,8 @@ group ``peftlab.tasks``.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -146,6 +147,19 @@ class Task:
                 f"(choose one of: {', '.join(self.metrics)})"
             )
         return metric
+
+
+@dataclass
+class Plan:
+    """Part of a prediction (``peftlab predict``, a server's batch): the ``indices`` of the inputs it
+    answers, the model inputs of its forward passes (``batches``, on the CPU), ``take(j, output)``
+    called right after batch j's forward (in the same thread), and ``finish()``, those inputs' rows.
+    Whoever runs the forwards decides how: one model, or several adapters' batches in one pass."""
+
+    indices: list[int]
+    batches: list[dict]
+    take: Callable[[int, Any], None]
+    finish: Callable[[], list[dict]]
 
 
 class EncodedSplit(torch.utils.data.Dataset):

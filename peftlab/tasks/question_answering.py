@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from pydantic import Field
@@ -29,7 +29,7 @@ from transformers import DataCollatorWithPadding
 from ..data import check_text_rows, load_splits
 from ..errors import PeftlabError
 from ..metrics import squad_scores
-from . import EncodedSplit, NoOptions, Task, batch_to_model_inputs, mean_loss, register_task
+from . import EncodedSplit, NoOptions, Plan, Task, batch_to_model_inputs, mean_loss, register_task
 
 NEG = -1e4  # pads the logits of shorter windows when processes gather them
 
@@ -244,9 +244,9 @@ class QuestionAnswering(Task):
         return {**scores, "loss": mean_loss(loss_sum, loss_n), "examples": len(found), "windows": len(logits)}
 
     # -- prediction -------------------------------------------------------------------------------
-    def predict_rows(self, model: Any, tokenizer: Any, items: list[dict], batch_size: int, device: Any,
-                     advance: Optional[Callable[[int], None]] = None) -> list[dict]:
-        """``peftlab predict``: each ``{"question", "context"}`` -> its answer, character span and score."""
+    def predict_plans(self, tokenizer: Any, items: list[dict], batch_size: int) -> Iterator[Plan]:
+        """``peftlab predict``: each ``{"question", "context"}`` -> its answer, character span and score;
+        one plan per ``batch_size`` questions (their windows in batches of ``batch_size``)."""
         o = self.options
         if not all(isinstance(item, dict) for item in items):
             raise PeftlabError(f"{self.name}: each input needs a question and a context (--question/--context, "
@@ -254,23 +254,28 @@ class QuestionAnswering(Task):
         rows = [{o.question_column: it.get("question"), o.context_column: it.get("context"),
                  o.answers_column: [], "_where": f"input {n + 1}"} for n, it in enumerate(items)]
         check_text_rows(rows, self.columns[:2])
-        out, collate = [], self.collator(tokenizer)
+        collate = self.collator(tokenizer)
         for first in range(0, len(rows), batch_size):
-            encoded = self.encode(rows[first:first + batch_size], tokenizer, "predict")
-            logits = {}
-            for b in range(0, len(encoded), batch_size):
-                feats = encoded.features[b:b + batch_size]
-                batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in feats])
-                inputs = {k: v.to(device) for k, v in batch.items() if k not in ("start_positions", "end_positions")}
-                with torch.no_grad():
-                    res = model(**inputs)
-                for f, s, e in zip(feats, res.start_logits.float().cpu(), res.end_logits.float().cpu()):
-                    logits[f["_window"]] = (s, e)
-            for item, found in zip(items[first:first + batch_size], self.answers(encoded, logits)):
-                out.append({**({"id": item["id"]} if "id" in item else {}), "question": item["question"], **found})
-            if advance is not None:
-                advance(len(encoded.extra["questions"]))
-        return out
+            yield self._plan(rows[first:first + batch_size], items[first:first + batch_size], first, tokenizer,
+                             collate, batch_size)
+
+    def _plan(self, rows: list[dict], items: list[dict], first: int, tokenizer: Any, collate: Any,
+              batch_size: int) -> Plan:
+        encoded = self.encode(rows, tokenizer, "predict")
+        groups = [encoded.features[b:b + batch_size] for b in range(0, len(encoded), batch_size)]
+        batches = [{k: v for k, v in collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in feats]).items()
+                    if k not in ("start_positions", "end_positions")} for feats in groups]
+        logits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def take(j: int, res: Any) -> None:
+            for f, s, e in zip(groups[j], res.start_logits.float().cpu(), res.end_logits.float().cpu()):
+                logits[f["_window"]] = (s, e)
+
+        def finish() -> list[dict]:
+            return [{**({"id": item["id"]} if "id" in item else {}), "question": item["question"], **found}
+                    for item, found in zip(items, self.answers(encoded, logits))]
+
+        return Plan(list(range(first, first + len(rows))), batches, take, finish)
 
 
 @lru_cache(maxsize=8)
