@@ -49,7 +49,7 @@ def test_every_method_predicts_as_alone_and_the_frozen_base_is_held_once(cls_run
         assert adapters.predict(name, TEXTS) == alone[name], name
     assert adapters.predict("ner", TEXTS) == predict(ner_run, TEXTS)
     mixed = [(name, text) for text in TEXTS for name in ("lora", "ner", "prefix")]
-    assert adapters.predict_mixed(mixed) == [adapters.predict(name, [text])[0] for name, text in mixed]
+    _same(adapters.predict_mixed(mixed), [adapters.predict(name, [text])[0] for name, text in mixed])
     # the word embeddings of every method that froze them are one tensor; the full fine-tune's are its own
     ptrs = {n: next(p.data_ptr() for k, p in adapters.get(n).model.named_parameters() if "word_embeddings" in k)
             for n in adapters.names()}
@@ -167,7 +167,7 @@ def test_server_answers_concurrent_requests_like_predict(server, cls_runs, ner_r
     for name, i in good:
         status, body = results[(name, i)]
         assert status == 200 and body["adapter"] == name, body
-        assert body["predictions"] == expected[name][i:i + 3]
+        _same(body["predictions"], expected[name][i:i + 3])  # LoRA rows share passes: float noise only
     for n, (_, _, status, message) in enumerate(bad):
         got, body = results[("bad", n)]
         assert got == status and message in body["error"] and "\n" not in body["error"], (n, got, body)
