@@ -383,7 +383,31 @@ def load_model(
         raise _hub_error(cfg, exc) from None
     if cfg.quantization in ("nf4", "fp4"):
         keep_4bit_layout(model)
+    if cfg.quantization != "none":
+        release_checkpoint_file(model)
     return model
+
+
+def release_checkpoint_file(model: Any) -> None:
+    """Copy the CPU weights a quantized load left unquantized (embeddings, norms, the head) out of the
+    checkpoint's memory-mapped file, so the mapping closes. Quantizing read every float weight through
+    it, and while one tensor still points into the file, all those pages stay resident: the float
+    model in memory beside the quantized one."""
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, its copy): ties stay tied
+
+    def copy_of(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = (t, t.data.clone())
+        return copies[id(t)][1]
+
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if type(p) is torch.nn.Parameter and p.device.type == "cpu":  # not bitsandbytes' own types
+                    p.data = copy_of(p)
+            for name, b in module._buffers.items():
+                if b is not None and b.device.type == "cpu":
+                    module._buffers[name] = copy_of(b)
 
 
 def keep_4bit_layout(model: Any) -> None:

@@ -226,3 +226,42 @@ def test_qlora_on_real_minilm_intents(banking_small, tmp_path):
                           return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(run.model(**batch).logits, load_run(out).model(**batch).logits)
+
+
+def _file_mappings(folder: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of files in ``folder``."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].startswith(str(folder)):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            spans.append((lo, hi))
+    return spans
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantized_load_keeps_nothing_in_the_checkpoint_file(tiny_llama, quantization, monkeypatch):
+    """The tensors left unquantized are copied out of the memory-mapped checkpoint (whose pages the
+    quantization read); ties stay tied and the model computes the same."""
+    import peftlab.backbones as backbones
+
+    cfg = BackboneConfig(name=str(tiny_llama), quantization=quantization)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+
+    def load(release: bool):
+        if not release:
+            monkeypatch.setattr(backbones, "release_checkpoint_file", lambda model: None)
+        model = load_model(cfg, "AutoModelForCausalLM", device=torch.device("cpu"))
+        monkeypatch.undo()
+        floats = [t for t in [*model.parameters(), *model.buffers()] if type(t) is not bnb.nn.Int8Params
+                  and type(t) is not bnb.nn.Params4bit and t.is_floating_point()]
+        in_file = [t for t in floats if any(lo <= t.data_ptr() < hi for lo, hi in _file_mappings(tiny_llama))]
+        with torch.no_grad():
+            return model, in_file, model(input_ids=ids).logits
+
+    plain, in_file, before = load(release=False)
+    assert in_file  # without it, unquantized weights point into the file (the check can fail)
+    model, in_file, after = load(release=True)
+    assert in_file == []
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(before, after)
