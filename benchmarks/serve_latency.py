@@ -8,6 +8,8 @@ Each run is also merged (``peftlab merge``). Three set-ups then serve the same r
 on this machine:
 
 * ``one_server``: one process holding every run as an adapter (their common weights held once);
+* ``one_server_shared_pass``: the same with ``--shared-pass`` (LoRA rows of every adapter in one
+  backbone pass);
 * ``n_processes``: one process per merged checkpoint, each request sent to its model's process;
 * ``single_merged``: the first merged checkpoint's process alone, taking the same load.
 
@@ -99,9 +101,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(adapters: list[str]) -> tuple[subprocess.Popen, int]:
+def start_server(adapters: list[str], *options: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "serve", *adapters, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "serve", *adapters, "--port", str(port), *options],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -178,11 +180,13 @@ def main(argv=None) -> int:
     texts = {n: texts_for(runs[n], args.requests, rng) for n in names}
     log("starting the servers")
     one, one_port = start_server([f"{n}={runs[n]}" for n in names])
+    shared, shared_port = start_server([f"{n}={runs[n]}" for n in names], "--shared-pass")
     procs = {n: start_server([f"{n}={merged[n]}"]) for n in names}
     mixed = [names[i % len(names)] for i in range(args.requests)]
     rng.shuffle(mixed)
     plans = {
         "one_server": [(one_port, n, texts[n][i]) for i, n in enumerate(mixed)],
+        "one_server_shared_pass": [(shared_port, n, texts[n][i]) for i, n in enumerate(mixed)],
         "n_processes": [(procs[n][1], n, texts[n][i]) for i, n in enumerate(mixed)],
         "single_merged": [(procs[names[0]][1], names[0], texts[names[0]][i]) for i in range(args.requests)],
     }
@@ -194,9 +198,9 @@ def main(argv=None) -> int:
             for name in (list(plans) if r % 2 == 0 else list(reversed(plans))):
                 log(f"round {r + 1}: {name}")
                 results[name].append(load(plans[name], args.concurrency))
-        memory = {"one_server": rss_mib(one.pid), "n_processes": {n: rss_mib(p.pid) for n, (p, _) in procs.items()}}
+        memory = {"one_server": rss_mib(one.pid), "one_server_shared_pass": rss_mib(shared.pid), "n_processes": {n: rss_mib(p.pid) for n, (p, _) in procs.items()}}
     finally:
-        for p in [one, *(p for p, _ in procs.values())]:
+        for p in [one, shared, *(p for p, _ in procs.values())]:
             p.terminate()
             p.wait(timeout=60)
     report = summarize(args, argv, names, results, memory, git_info(ROOT), cpu_cores())
@@ -219,7 +223,9 @@ def summarize(args, argv, names, results, memory, git, cores) -> dict:
         "memory": {**memory, "n_processes_total_rss_mib": total},
         "ratios": {"memory_one_server_vs_n_processes": round(memory["one_server"]["rss_mib"] / total, 3),
                    "p95_one_server_vs_single_merged": round(median["one_server"]["p95_ms"]
-                                                            / median["single_merged"]["p95_ms"], 3)},
+                                                            / median["single_merged"]["p95_ms"], 3),
+                   "p95_shared_pass_vs_one_server": round(median["one_server_shared_pass"]["p95_ms"]
+                                                          / median["one_server"]["p95_ms"], 3)},
     }
 
 
@@ -235,6 +241,10 @@ def markdown(report: dict) -> str:
         "| set-up | processes | resident memory (MiB) | p50 ms | p95 ms | requests/s |", "|---|--:|--:|--:|--:|--:|",
         f"| one_server | 1 | {m['one_server']['rss_mib']:,.0f} | {report['median']['one_server']['p50_ms']:.1f} | "
         f"{report['median']['one_server']['p95_ms']:.1f} | {report['median']['one_server']['requests_per_s']:.1f} |",
+        f"| one_server --shared-pass | 1 | {m['one_server_shared_pass']['rss_mib']:,.0f} | "
+        f"{report['median']['one_server_shared_pass']['p50_ms']:.1f} | "
+        f"{report['median']['one_server_shared_pass']['p95_ms']:.1f} | "
+        f"{report['median']['one_server_shared_pass']['requests_per_s']:.1f} |",
         f"| n_processes | {len(m['n_processes'])} | {m['n_processes_total_rss_mib']:,.0f} | "
         f"{report['median']['n_processes']['p50_ms']:.1f} | {report['median']['n_processes']['p95_ms']:.1f} | "
         f"{report['median']['n_processes']['requests_per_s']:.1f} |",
@@ -243,7 +253,9 @@ def markdown(report: dict) -> str:
         f"{report['median']['single_merged']['requests_per_s']:.1f} |", "",
         f"- memory, one server / {len(m['n_processes'])} processes: **{r['memory_one_server_vs_n_processes']:.3f}x**",
         f"- p95 latency, one server (mixed adapters) / one merged model (same load): "
-        f"**{r['p95_one_server_vs_single_merged']:.3f}x**", "",
+        f"**{r['p95_one_server_vs_single_merged']:.3f}x**",
+        f"- p95 latency, one server with shared LoRA passes / one batch per adapter: "
+        f"**{r['p95_shared_pass_vs_one_server']:.3f}x**", "",
     ]
     return "\n".join(lines)
 

@@ -56,17 +56,18 @@ class AdapterSet:
         with self._locks.setdefault(name, threading.Lock()):
             return predict(predictor, inputs, batch_size=batch_size)
 
-    def predict_mixed(self, requests: Iterable[tuple[str, Any]], batch_size: int = 32) -> list[dict]:
-        """Rows for ``(adapter, input)`` pairs in any mix, in input order. LoRA adapters that can share a
-        forward pass (``peftlab.mixed``) run together, ``batch_size`` rows per pass; others one batch
-        per adapter."""
+    def predict_mixed(self, requests: Iterable[tuple[str, Any]], batch_size: int = 32,
+                      shared_pass: bool = False) -> list[dict]:
+        """Rows for ``(adapter, input)`` pairs in any mix, in input order: one batch per adapter, or with
+        ``shared_pass`` the LoRA adapters that can share the backbone pass (``peftlab.mixed``) together,
+        ``batch_size`` rows per pass."""
         requests = list(requests)
         groups: dict[str, list[int]] = {}
         for i, (name, _) in enumerate(requests):
             self.get(name)
             groups.setdefault(name, []).append(i)
         out: list[Optional[dict]] = [None] * len(requests)
-        mixed = [n for n in groups if self.mixer is not None and n in self.mixer.members]
+        mixed = [n for n in groups if shared_pass and self.mixer is not None and n in self.mixer.members]
         if len(mixed) > 1:
             with contextlib.ExitStack() as held:
                 for name in sorted(mixed):  # one order, so two callers never wait on each other

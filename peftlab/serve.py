@@ -5,8 +5,8 @@ Routes: ``POST /v1/{adapter}/predict`` with ``{"texts": [...]}`` (or, for questi
 ``peftlab predict`` prints; ``GET /v1/adapters``; ``GET /health``; OpenAPI docs at ``/docs``.
 
 Requests that arrive while the model is busy are batched together, up to ``max_batch`` inputs per
-forward pass: LoRA adapters on the shared backbone in one pass (``peftlab.mixed``), others grouped by
-adapter. One worker thread runs the model, so the event loop keeps
+forward pass, grouped by adapter; with ``--shared-pass`` LoRA adapters on the shared backbone run it
+once for all their rows (``peftlab.mixed``). One worker thread runs the model, so the event loop keeps
 accepting requests. A bad request gets a 4xx with one ``{"error": "..."}`` line and never stops the
 server; an input the model rejects fails its own request only.
 """
@@ -32,6 +32,7 @@ class Limits:
     max_length: int = 20_000  # characters per text (question + context for question answering)
     max_request_bytes: int = 1_000_000
     batch_wait_ms: float = 2.0  # how long the first request of a batch waits for others
+    shared_pass: bool = False  # LoRA adapters' rows in one backbone pass (slower here on CPU: benchmarks/README)
 
 
 class RequestError(Exception):
@@ -116,12 +117,12 @@ class Batcher:
         return pending
 
     def _compute(self, pending: list[tuple]) -> list[Any]:
-        """Per request: its rows or the exception it gets. The requests run together (LoRA adapters in
-        shared forward passes, others one batch per adapter); if that fails on an input, each request
-        runs alone so only the bad one fails."""
+        """Per request: its rows or the exception it gets. The requests run together (one batch per
+        adapter, or LoRA adapters in shared passes with ``shared_pass``); if that fails on an input,
+        each request runs alone so only the bad one fails."""
         try:
             rows = self.adapters.predict_mixed([(name, item) for name, items, _ in pending for item in items],
-                                               batch_size=self.limits.max_batch)
+                                               batch_size=self.limits.max_batch, shared_pass=self.limits.shared_pass)
         except Exception:  # noqa: BLE001 - isolate the request that caused it
             return [self._alone(name, items) for name, items, _ in pending]
         outcomes, start = [], 0
@@ -222,6 +223,8 @@ def add_commands(sub: Any, command: Any) -> None:
     p.add_argument("--max-request-bytes", type=int, default=Limits.max_request_bytes)
     p.add_argument("--batch-wait-ms", type=float, default=Limits.batch_wait_ms,
                    help="how long a request waits for others to share its batch")
+    p.add_argument("--shared-pass", action="store_true",
+                   help="LoRA adapters on the shared backbone run it once for all their rows of a batch")
     command("serve")(_serve_cmd)
 
 
@@ -243,6 +246,6 @@ def _serve_cmd(args: Any) -> int:
         log.info("serve: adapter %s (%s, %s) from %s", row["name"], row["task"], row["source"], row["path"])
     log.info("serve: %.1f MiB of weights held once for all adapters; http://%s:%d/docs",
              adapters.shared_bytes / 2**20, args.host, args.port)
-    limits = Limits(args.max_batch, args.max_length, args.max_request_bytes, args.batch_wait_ms)
+    limits = Limits(args.max_batch, args.max_length, args.max_request_bytes, args.batch_wait_ms, args.shared_pass)
     uvicorn.run(create_app(adapters, limits), host=args.host, port=args.port, log_level="warning")
     return 0

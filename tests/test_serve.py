@@ -49,7 +49,7 @@ def test_every_method_predicts_as_alone_and_the_frozen_base_is_held_once(cls_run
         assert adapters.predict(name, TEXTS) == alone[name], name
     assert adapters.predict("ner", TEXTS) == predict(ner_run, TEXTS)
     mixed = [(name, text) for text in TEXTS for name in ("lora", "ner", "prefix")]
-    _same(adapters.predict_mixed(mixed), [adapters.predict(name, [text])[0] for name, text in mixed])
+    _same(adapters.predict_mixed(mixed, shared_pass=True), [adapters.predict(name, [text])[0] for name, text in mixed])
     # the word embeddings of every method that froze them are one tensor; the full fine-tune's are its own
     ptrs = {n: next(p.data_ptr() for k, p in adapters.get(n).model.named_parameters() if "word_embeddings" in k)
             for n in adapters.names()}
@@ -111,7 +111,7 @@ def server(cls_runs, ner_run, qa_run):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "serve", f"ner={ner_run}",
                              f"intents={cls_runs['lora']}", f"qa={qa_run}", "--port", str(port), "--max-batch", "8",
-                             "--max-length", "2000", "--max-request-bytes", "20000"],
+                             "--max-length", "2000", "--max-request-bytes", "20000", "--shared-pass"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
@@ -210,7 +210,8 @@ def test_lora_adapters_of_three_tasks_share_one_forward_pass(cls_runs, ner_run, 
     calls: list = []
     adapters.mixer.trunk.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(list(kwargs["adapter_names"])), with_kwargs=True)
-    got = adapters.predict_mixed(requests, batch_size=128)
+    assert adapters.predict_mixed(requests, batch_size=128) and calls == []  # by default: one batch per adapter
+    got = adapters.predict_mixed(requests, batch_size=128, shared_pass=True)
     assert len(calls) == 1 and len(set(calls[0])) == 4  # one pass over the backbone for NER, CRF, intents, QA rows
     alone = {n: dict(zip(map(json.dumps, [i for m, i in requests if m == n]),
                          predict(paths[n], [i for m, i in requests if m == n]))) for n in paths}
