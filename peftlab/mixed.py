@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .predict import Predictor, plans_of
+from .predict import Predictor, forward, plans_of
 from .tasks import Plan
 from .util import is_bnb_model
 
@@ -175,13 +175,12 @@ class MixedLora:
         plans = {a: list(plans_of(self.members[a][1])(items, batch_size)) for a, items in inputs.items()}
         work = [(a, plan, j, b) for a, ps in plans.items() for plan in ps for j, b in enumerate(plan.batches)]
         for pack in _packs(sorted(work, key=lambda w: -w[3]["input_ids"].shape[1]), batch_size):
-            mixable = [w for w in pack if self.can_run(w[3])]
-            for (a, plan, j, batch), out in zip(mixable, self.forward([(w[0], w[3]) for w in mixable])
-                                                if mixable else []):
+            shared = [w for w in pack if self.can_run(w[3])]
+            for (_, plan, j, _), out in zip(shared, self.forward([(w[0], w[3]) for w in shared]) if shared else []):
                 plan.take(j, out)
-            for a, plan, j, batch in (w for w in pack if not self.can_run(w[3])):
-                p = self.members[a][1]
-                plan.take(j, p.model(**{k: v.to(p.device) for k, v in batch.items()}))
+            for a, plan, j, batch in pack:
+                if not self.can_run(batch):
+                    plan.take(j, forward(self.members[a][1], batch))
         return {a: _rows(ps, len(inputs[a])) for a, ps in plans.items()}
 
 
@@ -211,6 +210,5 @@ def _packs(work: list, batch_size: int) -> Iterator[list]:
 def _rows(plans: list[Plan], n: int) -> list[dict]:
     out: list[Optional[dict]] = [None] * n
     for plan in plans:
-        for i, row in zip(plan.indices, plan.finish()):
-            out[i] = row
+        plan.place(out)
     return out  # type: ignore[return-value]

@@ -244,12 +244,17 @@ def run_plans(p: Predictor, plans: Iterable[Plan], n: int, advance: Optional[Cal
     results: list[Optional[dict]] = [None] * n
     for plan in plans:
         for j, batch in enumerate(plan.batches):
-            plan.take(j, p.model(**{k: v.to(p.device) for k, v in batch.items()}))
-        for i, row in zip(plan.indices, plan.finish()):
-            results[i] = row
+            plan.take(j, forward(p, batch))
+        plan.place(results)
         if advance is not None:
             advance(len(plan.indices))
     return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def forward(p: Predictor, batch: dict) -> Any:
+    """The predictor's own model on one batch of a plan (moved to its device)."""
+    return p.model(**{k: v.to(p.device) for k, v in batch.items()})
 
 
 def plans_of(p: Predictor, top_k: int = 1) -> Optional[Callable[[list, int], Iterable[Plan]]]:

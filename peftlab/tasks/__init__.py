@@ -161,6 +161,11 @@ class Plan:
     take: Callable[[int, Any], None]
     finish: Callable[[], list[dict]]
 
+    def place(self, results: list) -> None:
+        """Put the finished rows at their inputs' positions in ``results``."""
+        for i, row in zip(self.indices, self.finish()):
+            results[i] = row
+
 
 class EncodedSplit(torch.utils.data.Dataset):
     """Model inputs (one dict per example) plus host-side bookkeeping for scoring."""
