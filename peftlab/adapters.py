@@ -56,18 +56,17 @@ class AdapterSet:
         with self._locks.setdefault(name, threading.Lock()):
             return predict(predictor, inputs, batch_size=batch_size)
 
-    def predict_mixed(self, requests: Iterable[tuple[str, Any]], batch_size: int = 32,
-                      shared_pass: bool = False) -> list[dict]:
-        """Rows for ``(adapter, input)`` pairs in any mix, in input order: one batch per adapter, or with
-        ``shared_pass`` the LoRA adapters that can share the backbone pass (``peftlab.mixed``) together,
-        ``batch_size`` rows per pass."""
+    def predict_mixed(self, requests: Iterable[tuple[str, Any]], batch_size: int = 32) -> list[dict]:
+        """Rows for ``(adapter, input)`` pairs in any mix, in input order: one batch per adapter, or, in a
+        set loaded with ``shared_pass``, the LoRA adapters that can share the backbone pass
+        (``peftlab.mixed``) together, ``batch_size`` rows per pass."""
         requests = list(requests)
         groups: dict[str, list[int]] = {}
         for i, (name, _) in enumerate(requests):
             self.get(name)
             groups.setdefault(name, []).append(i)
         out: list[Optional[dict]] = [None] * len(requests)
-        mixed = [n for n in groups if shared_pass and self.mixer is not None and n in self.mixer.members]
+        mixed = [n for n in groups if self.mixer is not None and n in self.mixer.members]
         if len(mixed) > 1:
             with contextlib.ExitStack() as held:
                 for name in sorted(mixed):  # one order, so two callers never wait on each other
@@ -106,8 +105,10 @@ def adapter_names(paths: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def load_adapters(paths: Iterable[Union[str, Path]], device: Optional[torch.device] = None) -> AdapterSet:
-    """Load every ``[name=]folder`` (run, export or merged checkpoint) and hold their common weights once."""
+def load_adapters(paths: Iterable[Union[str, Path]], device: Optional[torch.device] = None,
+                  shared_pass: bool = False) -> AdapterSet:
+    """Load every ``[name=]folder`` (run, export or merged checkpoint) and hold their common weights once;
+    with ``shared_pass``, also the peft model over which LoRA adapters share backbone passes."""
     index: dict[tuple, list[torch.Tensor]] = {}
     predictors: dict[str, Predictor] = {}
     shared = 0
@@ -115,7 +116,7 @@ def load_adapters(paths: Iterable[Union[str, Path]], device: Optional[torch.devi
         predictor = load_predictor(folder, device=device)
         shared += share_weights(predictor.model, index)
         predictors[name] = predictor
-    return AdapterSet(predictors, shared, _mixer(predictors))
+    return AdapterSet(predictors, shared, _mixer(predictors) if shared_pass else None)
 
 
 def _mixer(predictors: dict[str, Predictor]) -> Optional[MixedLora]:

@@ -32,7 +32,6 @@ class Limits:
     max_length: int = 20_000  # characters per text (question + context for question answering)
     max_request_bytes: int = 1_000_000
     batch_wait_ms: float = 2.0  # how long the first request of a batch waits for others
-    shared_pass: bool = False  # LoRA adapters' rows in one backbone pass (slower here on CPU: benchmarks/README)
 
 
 class RequestError(Exception):
@@ -118,11 +117,11 @@ class Batcher:
 
     def _compute(self, pending: list[tuple]) -> list[Any]:
         """Per request: its rows or the exception it gets. The requests run together (one batch per
-        adapter, or LoRA adapters in shared passes with ``shared_pass``); if that fails on an input,
+        adapter, or LoRA adapters in shared passes when loaded for them); if that fails on an input,
         each request runs alone so only the bad one fails."""
         try:
             rows = self.adapters.predict_mixed([(name, item) for name, items, _ in pending for item in items],
-                                               batch_size=self.limits.max_batch, shared_pass=self.limits.shared_pass)
+                                               batch_size=self.limits.max_batch)
         except Exception:  # noqa: BLE001 - isolate the request that caused it
             return [self._alone(name, items) for name, items, _ in pending]
         outcomes, start = [], 0
@@ -241,11 +240,11 @@ def _serve_cmd(args: Any) -> int:
         raise PeftlabError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'") from None
     from .adapters import load_adapters
 
-    adapters = load_adapters(args.folders)
+    adapters = load_adapters(args.folders, shared_pass=args.shared_pass)  # off: slower here (benchmarks/README)
     for row in adapters.describe():
         log.info("serve: adapter %s (%s, %s) from %s", row["name"], row["task"], row["source"], row["path"])
     log.info("serve: %.1f MiB of weights held once for all adapters; http://%s:%d/docs",
              adapters.shared_bytes / 2**20, args.host, args.port)
-    limits = Limits(args.max_batch, args.max_length, args.max_request_bytes, args.batch_wait_ms, args.shared_pass)
+    limits = Limits(args.max_batch, args.max_length, args.max_request_bytes, args.batch_wait_ms)
     uvicorn.run(create_app(adapters, limits), host=args.host, port=args.port, log_level="warning")
     return 0

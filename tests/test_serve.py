@@ -49,7 +49,8 @@ def test_every_method_predicts_as_alone_and_the_frozen_base_is_held_once(cls_run
         assert adapters.predict(name, TEXTS) == alone[name], name
     assert adapters.predict("ner", TEXTS) == predict(ner_run, TEXTS)
     mixed = [(name, text) for text in TEXTS for name in ("lora", "ner", "prefix")]
-    _same(adapters.predict_mixed(mixed, shared_pass=True), [adapters.predict(name, [text])[0] for name, text in mixed])
+    assert adapters.mixer is None and not any(a["mixed_batches"] for a in adapters.describe())  # by default
+    _same(adapters.predict_mixed(mixed), [adapters.predict(name, [text])[0] for name, text in mixed])
     # the word embeddings of every method that froze them are one tensor; the full fine-tune's are its own
     ptrs = {n: next(p.data_ptr() for k, p in adapters.get(n).model.named_parameters() if "word_embeddings" in k)
             for n in adapters.names()}
@@ -203,15 +204,14 @@ def test_lora_adapters_of_three_tasks_share_one_forward_pass(cls_runs, ner_run, 
 
     sentences, questions = read_sentences(wnut_small["test"], 6), qa_items(squad_small, 4)
     paths = {"ner": ner_run, "intents": cls_runs["lora"], "qa": qa_run, "houlsby": cls_runs["houlsby"], "crf": crf_run}
-    adapters = load_adapters([f"{n}={p}" for n, p in paths.items()])
+    adapters = load_adapters([f"{n}={p}" for n, p in paths.items()], shared_pass=True)
     assert [a["mixed_batches"] for a in adapters.describe()] == [True, True, True, False, True]
     requests = [(n, s) for n in ("ner", "intents", "houlsby", "crf") for s in sentences] + [("qa", q) for q in questions]
     random.Random(0).shuffle(requests)
     calls: list = []
     adapters.mixer.trunk.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(list(kwargs["adapter_names"])), with_kwargs=True)
-    assert adapters.predict_mixed(requests, batch_size=128) and calls == []  # by default: one batch per adapter
-    got = adapters.predict_mixed(requests, batch_size=128, shared_pass=True)
+    got = adapters.predict_mixed(requests, batch_size=128)
     assert len(calls) == 1 and len(set(calls[0])) == 4  # one pass over the backbone for NER, CRF, intents, QA rows
     alone = {n: dict(zip(map(json.dumps, [i for m, i in requests if m == n]),
                          predict(paths[n], [i for m, i in requests if m == n]))) for n in paths}
