@@ -104,6 +104,15 @@ def _trainable_on_meta(r: Any, task: Any, model: Any) -> Optional[str]:
     return f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
 
 
+def plan(recipe: RecipeLike, overrides: Optional[list[str]] = None, *, device: Optional[str] = None,
+         memory: Any = None, fit: bool = False) -> Any:
+    """The recipe's predicted memory and speed (``peftlab.planner.Plan``); ``fit``: the largest setting
+    that fits ``memory`` (e.g. "20GiB"; default: available now)."""
+    from .planner import plan as make_plan
+
+    return make_plan(as_recipe(recipe, overrides), device=device, memory=memory, fit=fit)
+
+
 def merge(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], **options: Any) -> dict:
     """Merge a finished run into a verified plain-transformers checkpoint; returns verify.json.
 

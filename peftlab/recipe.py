@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import PeftlabError
 from .registry import METHODS, TASKS
@@ -137,7 +137,18 @@ class TrainConfig(StrictModel):
         None, gt=0, description="Learning rate of the task head (default: train.lr)."
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/norms).")
-    batch_size: int = Field(16, gt=0, description="Per-process training batch size.")
+    batch_size: Union[int, Literal["auto"]] = Field(
+        16, description="Per-process training batch size; auto: the largest that fits train.memory_budget "
+        "(`peftlab plan --fit`), with grad_accum keeping train.target_batch_size examples per step.",
+    )
+    target_batch_size: int = Field(
+        16, gt=0, description="With batch_size: auto, the examples per optimizer step and process (batch x "
+        "grad_accum) that auto keeps.",
+    )
+    memory_budget: Optional[Union[int, str]] = Field(
+        None, description="With batch_size: auto, the memory the run may use (e.g. 20GiB; default: what is "
+        "available when it starts).",
+    )
     eval_batch_size: int = Field(64, gt=0, description="Per-process evaluation batch size.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding, faster on CPU)."
@@ -175,6 +186,26 @@ class TrainConfig(StrictModel):
         "staying in the heap: a lower peak RSS for a little speed (benchmarks/profile_methods.py measures both). "
         "0 or null = glibc's adaptive threshold.",
     )
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("expected a positive integer or auto")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory_budget(cls, value: Any) -> Any:
+        from .system import memory_bytes
+
+        if value is not None and memory_bytes(value) is None:
+            raise ValueError("expected a memory size such as 20GiB, 1500MiB or a number of bytes")
+        return value
+
+    def batch_size_or(self, default: int) -> int:
+        """The batch size, or ``default`` when it is auto (not planned yet)."""
+        return default if self.batch_size == "auto" else self.batch_size
+
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     log_every: int = Field(10, gt=0, description="Log loss and lr every N optimizer steps.")

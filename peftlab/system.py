@@ -52,7 +52,45 @@ def set_mmap_threshold(mb: float) -> bool:
         return False
 
 
+def release_free_memory() -> bool:
+    """Hand the heap memory glibc keeps after frees (a training step's small tensors) back to the OS
+    (``malloc_trim``), so that an evaluation pass starts from what is alive, not from the step's high
+    water mark. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def memory_bytes(text: object) -> "int | None":
+    """``24GiB``, ``1500MiB``, ``2.5G``, ``800M`` or a number of bytes -> bytes; None if it is none of those."""
+    units = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+             "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    unit = raw[len(number):]
+    return int(value * units[unit]) if value > 0 and unit in units else None
+
+
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, the high-water mark of its own address space.
+    (getrusage's ru_maxrss also keeps the parent's resident size at the fork that started a child, so a
+    run launched from a large process would report that process's size.)"""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

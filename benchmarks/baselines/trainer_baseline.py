@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,9 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """VmHWM, as peftlab measures (ru_maxrss would include the launching process's size)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 class CountingCollator:

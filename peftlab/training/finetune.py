@@ -32,11 +32,12 @@ from ..outputs import FolderLock
 from ..recipe import Recipe
 from ..runs import (BEST_DIR, CHECKPOINTS_DIR, RunLog, build_model, parameter_report, read_best, write_best,
                     write_error_reason, write_failure, write_results)
-from ..system import current_rss_bytes, peak_rss_bytes, set_mmap_threshold
+from ..system import current_rss_bytes, peak_rss_bytes, release_free_memory, set_mmap_threshold
 from ..tasks import LengthGroupedEpochSampler, get_task_class
 from ..util import scalar_items
+from .auto import planned_config, write_plan
 from .launch import (check_process_group, check_same_recipe, claim_run_dir, make_accelerator, on_main_then_all,
-                     prepare_run_dir, run_sources, set_threads, tracker_config)
+                     prepare_run_dir, run_sources, set_threads, tracker_config, weight_fingerprint)
 from .optim import make_optimizer, make_scheduler
 from .progress import LossMeter, ProgressBar
 from .state import TrainState
@@ -88,6 +89,7 @@ class FineTuneRecipe:
             check_same_recipe(self.run_dir, self.recipe)
         from accelerate.utils import set_seed
 
+        self.cfg, self.plan = planned_config(self.recipe, self.run_dir, self.resuming, self.accelerator)
         set_seed(self.cfg.seed)
         self._setup_data()
         self._setup_model()
@@ -135,6 +137,7 @@ class FineTuneRecipe:
                 log.info("output.dir: %s held a run that stopped before its first checkpoint; replaced", self.run_dir)
 
         on_main_then_all(self.accelerator, claim)
+        write_plan(self.run_dir, self.plan if self.main else None)
         self.accelerator.wait_for_everyone()
 
     def _log_start(self, mmap_note: Optional[str]) -> None:
@@ -344,6 +347,7 @@ class FineTuneRecipe:
         """Validation pass; keeps the best model. Returns True when training should stop early."""
         s = self.state
         t0 = time.perf_counter()
+        release_free_memory()  # evaluation starts from the memory alive, not from the last step's heap
         with self.bar.evaluating(self.eval_dls["validation"], "eval") as batches:
             metrics = self.task.evaluate(self.model, batches, self.accelerator, self.encoded["validation"])
         s.eval_time += time.perf_counter() - t0
@@ -415,6 +419,7 @@ class FineTuneRecipe:
         """Restore the best model, test it, check the processes agree, write model/ and the reports."""
         acc, s = self.accelerator, self.state
         acc.wait_for_everyone()
+        self.optimizer.state.clear()  # training is over (its checkpoints are written): free AdamW's two copies
         load_trainable_state(self.unwrapped(), read_best(self.ckpt_dir / BEST_DIR), "best model")
         test_metrics = self._test()
         fingerprints = self._fingerprints()
@@ -446,6 +451,7 @@ class FineTuneRecipe:
         if "test" not in self.eval_dls:
             return None
         t0 = time.perf_counter()
+        release_free_memory()  # evaluation starts from the memory alive, not from the last step's heap
         self.task.use_dev_metrics(next(h for h in self.state.history if h["step"] == self.state.best_step))
         metrics = self.task.evaluate(self.model, self.eval_dls["test"], self.accelerator, self.encoded["test"])
         self.state.eval_time += time.perf_counter() - t0
@@ -455,13 +461,7 @@ class FineTuneRecipe:
 
     def _fingerprints(self) -> list[list[float]]:
         """Two sums of the trainable weights per process: every process must end with the same model."""
-        total, weighted = 0.0, 0.0
-        params = self.trainable_state()
-        for i, name in enumerate(sorted(params)):
-            v = params[name].detach().double()
-            total += float(v.sum())
-            weighted += float((v * (i + 1)).abs().sum())
-        mine = torch.tensor([[total, weighted]], dtype=torch.float64, device=self.accelerator.device)
+        mine = torch.tensor([weight_fingerprint(self.trainable_state())], dtype=torch.float64, device=self.accelerator.device)
         fingerprints = self.accelerator.gather(mine).cpu().tolist()
         if any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for fp in fingerprints for a, b in zip(fp, fingerprints[0])):
             raise TrainingError(f"train: the {len(fingerprints)} processes ended with different weights {fingerprints}")

@@ -181,3 +181,14 @@ def tracker_config(recipe: Recipe) -> dict:
         elif isinstance(values, (int, float, str, bool)):
             flat[section] = values
     return flat
+
+
+def weight_fingerprint(params: dict[str, torch.Tensor], chunk: int = 1 << 20) -> list[float]:
+    """Two float64 sums of the weights (plain and |w| weighted by position), a million values at a time
+    so that no temporary the size of a weight matrix is made: every process must end with the same."""
+    total, weighted = 0.0, 0.0
+    for i, name in enumerate(sorted(params)):
+        for part in params[name].detach().reshape(-1).split(chunk):
+            total += float(part.sum(dtype=torch.float64))
+            weighted += (i + 1) * float(part.abs().sum(dtype=torch.float64))
+    return [total, weighted]

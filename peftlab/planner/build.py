@@ -1,0 +1,119 @@
+"""What the planner builds from a recipe: its data (the longest and typical batches), the full-depth
+model on meta tensors (weights) and shallow real copies (the trace)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..errors import PeftlabError
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass
+class PlanData:
+    task: Any
+    tokenizer: Any
+    train: Any  # EncodedSplit
+    evals: list  # EncodedSplit of validation (and test)
+
+
+def load_data(recipe: Any) -> PlanData:
+    """The recipe's splits encoded as training encodes them."""
+    from ..backbones import check_max_length, load_tokenizer
+    from ..tasks import get_task_class
+
+    task = get_task_class(recipe.task)(recipe)
+    splits = task.load_splits()
+    tokenizer = load_tokenizer(recipe.backbone)
+    check_max_length(recipe.backbone, recipe.data.max_length)
+    train = task.encode(splits.train, tokenizer, "train")
+    evals = [task.encode(splits.validation, tokenizer, "validation")]
+    if splits.test is not None:
+        evals.append(task.encode(splits.test, tokenizer, "test"))
+    return PlanData(task, tokenizer, train, evals)
+
+
+def batch_of(data: PlanData, split: Any, size: int, where: str) -> dict:
+    """``size`` examples of ``split`` collated as training does: the longest (``where='longest'``) or
+    those around the median length (``'typical'``)."""
+    lengths = split.lengths()
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if where == "typical":
+        start = max(0, min(len(order) - size, len(order) // 2 - size // 2))
+        order = order[start:]
+    rows = [split[i] for i in order[:size]]
+    return data.task.collator(data.tokenizer)(rows)
+
+
+def longest_eval(data: PlanData, size: int) -> Optional[dict]:
+    splits = [s for s in data.evals if len(s)]
+    if not splits:
+        return None
+    split = max(splits, key=lambda s: max(s.lengths()))
+    return batch_of(data, split, size, "longest")
+
+
+def layer_count(config: Any) -> int:
+    for key in LAYER_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise PeftlabError(f"plan: the backbone's config ({type(config).__name__}) names no layer count "
+                       f"({', '.join(LAYER_KEYS)})")
+
+
+def model_config(recipe: Any, task: Any, tokenizer: Any, path: str) -> Any:
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in task.model_kwargs().items() if k not in ("dtype", "use_safetensors")}
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+    return AutoConfig.from_pretrained(path, revision=recipe.backbone.revision,
+                                      trust_remote_code=recipe.backbone.trust_remote_code, **kwargs)
+
+
+def apply_method(recipe: Any, task: Any, model: Any) -> tuple[Any, dict]:
+    """The recipe's method on ``model`` as training applies it (without quantizing: the weights'
+    storage is counted apart); returns the model and its trainable parameters."""
+    from ..backbones import find_head_names
+    from ..methods import MethodContext
+    from ..runs import build_method
+
+    method = build_method(recipe)
+    backbone = recipe.backbone.model_copy(update={"quantization": "none"})
+    ctx = MethodContext(task=task, backbone=backbone, head_names=find_head_names(model))
+    model = method.apply(model, ctx)
+    return model, method.trainable_parameters(model)
+
+
+def meta_model(recipe: Any, task: Any, config: Any) -> Any:
+    from accelerate import init_empty_weights
+
+    from ..backbones import auto_class
+
+    with init_empty_weights():
+        model = auto_class(task.auto_model).from_config(config, trust_remote_code=recipe.backbone.trust_remote_code)
+    model.tie_weights()
+    return task.prepare_model(model)
+
+
+def shallow_model(recipe: Any, task: Any, config: Any, layers: int) -> tuple[Any, dict]:
+    """The backbone's architecture with ``layers`` layers, random weights in the recipe's dtype,
+    the task head and the method applied."""
+    import copy
+
+    from ..backbones import auto_class
+
+    config = copy.deepcopy(config)
+    for key in LAYER_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, layers)
+    for key in ("layer_types",):  # per-layer lists (sliding/full attention) follow the depth
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, getattr(config, key)[:layers])
+    model = auto_class(task.auto_model).from_config(
+        config, dtype=getattr(torch, recipe.backbone.dtype), trust_remote_code=recipe.backbone.trust_remote_code)
+    return apply_method(recipe, task, task.prepare_model(model))

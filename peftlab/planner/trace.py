@@ -1,0 +1,148 @@
+"""Measure a recipe's tensor memory and step time on shallow copies of its backbone.
+
+The backbone's config is instantiated with 2 and with 3 layers (random weights, the recipe's method
+applied, the real longest batch of its data). Every tensor created during a training step, the
+optimizer step and an evaluation pass is counted while it is alive; the difference between the two
+depths is one layer's share, so the full depth is ``one + (layers - 1) * (two - one)``. This counts
+what autograd really saves for the method (frozen paths, dropout masks, prefix keys and values,
+checkpointing), not a rule of thumb.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+PHASES = ("train", "step", "eval")  # forward + backward, optimizer step, evaluation pass
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode that are still alive, and their peak per phase.
+
+    Storages present before (``static``: parameters, buffers, inputs) are not counted."""
+
+    def __init__(self, static: set[int]):
+        super().__init__()
+        self.static = static
+        self.live = 0
+        self.phase = "train"
+        self.peaks: dict[str, int] = dict.fromkeys(PHASES, 0)
+        self._keys: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self.live -= n
+        self._keys.discard(key)
+
+    def start(self, phase: str) -> None:
+        self.phase = phase
+        self.peaks[phase] = max(self.peaks[phase], self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._keys and key not in self.static:
+                    n = storage.nbytes()
+                    self._keys.add(key)
+                    self.live += n
+                    weakref.finalize(storage, self._free, key, n)
+        self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
+        return out
+
+
+def storage_keys(tensors: Any) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+@dataclass
+class DepthTrace:
+    """One shallow model's measurements."""
+
+    layers: int
+    peaks: dict[str, int]  # bytes alive at each phase's peak (parameters not included)
+    step_s: float  # seconds per training step (forward, backward, optimizer) on the typical batch
+    param_bytes: int
+
+
+@dataclass
+class Trace:
+    """Both depths, extrapolated to the backbone's ``layers``."""
+
+    layers: int
+    one: DepthTrace
+    two: DepthTrace
+    notes: list[str] = field(default_factory=list)
+
+    def extrapolate(self, one: float, two: float) -> float:
+        if self.layers <= self.one.layers:
+            return one
+        return one + (self.layers - self.one.layers) * (two - one) / (self.two.layers - self.one.layers)
+
+    def peak(self, phase: str) -> int:
+        return max(0, int(self.extrapolate(self.one.peaks[phase], self.two.peaks[phase])))
+
+    @property
+    def step_s(self) -> float:
+        return max(self.one.step_s, self.extrapolate(self.one.step_s, self.two.step_s))
+
+
+@dataclass
+class TraceInputs:
+    """What a shallow trace needs from the recipe: how to build the model and run its steps."""
+
+    build: Callable[[int], tuple[Any, Any]]  # layers -> (model, trainable parameters)
+    loss: Callable[[Any, dict], torch.Tensor]  # the task's training loss
+    evaluate: Callable[[Any, dict], Any]  # one evaluation batch through the model (no_grad inside)
+    longest: dict  # the training batch of the longest examples (padded as training pads it)
+    typical: dict  # a training batch of median-length examples (for the step time)
+    eval_batch: Optional[dict]  # the evaluation batch of the longest examples
+    optimizer: Callable[[list], Any]
+    gradient_checkpointing: bool = False
+
+
+def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> DepthTrace:
+    torch.manual_seed(0)
+    model, params = inputs.build(layers)
+    if inputs.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = inputs.optimizer(params)
+    state = list(model.parameters()) + list(model.buffers())
+    batches = [b for b in (inputs.longest, inputs.typical, inputs.eval_batch) if b is not None]
+    static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
+    param_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in state}.values())
+    with LiveTensors(static) as live:
+        for _ in range(2):  # the second step runs with the optimizer state the first created
+            live.start("train")
+            inputs.loss(model, inputs.longest).backward()
+            live.start("step")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if inputs.eval_batch is not None:
+            live.start("eval")
+            model.eval()
+            inputs.evaluate(model, inputs.eval_batch)
+            model.train()
+    times = []
+    for _ in range(timed_steps + 1 if timed_steps else 0):
+        start = time.perf_counter()
+        inputs.loss(model, inputs.typical).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return DepthTrace(layers, dict(live.peaks), min(times[1:]) if timed_steps else math.nan, param_bytes)
+
+
+def trace(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Trace:
+    """Depths 2 and 3 (1 and 2 for a 2-layer model): at one layer the peak can fall elsewhere in the step."""
+    low = max(1, min(2, layers - 1))
+    return Trace(layers, trace_depth(inputs, low, timed_steps), trace_depth(inputs, low + 1, timed_steps))
