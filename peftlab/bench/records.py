@@ -90,6 +90,9 @@ def last_error_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+CELL_PLAN_FILE = "memory_plan.json"  # in the cell's folder: `peftlab plan --json` for the cell, run before it
+
+
 def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path], *, status: str,
                  error: Optional[str] = None, returncode: Optional[int] = None,
                  parent_peak: Optional[int] = None, cell_wall: Optional[float] = None,
@@ -134,6 +137,10 @@ def build_record(plan: BenchPlan, cell: Cell, ctx: dict, run_dir: Optional[Path]
     }
     if status == "ok" and run_dir is not None:
         _add_run_fields(rec, run_dir, parent_peak)
+        planned = read_json_or_none(run_dir.parent / CELL_PLAN_FILE)
+        if isinstance(planned, dict):
+            rec["plan"] = {k: planned.get(k) for k in ("peak_bytes", "peak_phase", "load_bytes", "samples_per_s",
+                                                        "tokens_per_s", "batch_size", "gradient_checkpointing")}
     return rec
 
 

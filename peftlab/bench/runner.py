@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO, Union
 
-from ..atomicio import write_json
+from ..atomicio import write_json, write_text
 from ..checkpoint import latest_checkpoint
 from ..errors import PeftlabError
 from ..system import machine_info
 from ..util import read_json_or_none
 from .plan import BenchPlan, Cell, _cell_matches, plan_bench
 from .provenance import git_info, versions
-from .records import PLAN_FILE, RESULTS_FILE, build_record, last_error_line, read_records, write_records
+from .records import CELL_PLAN_FILE, PLAN_FILE, RESULTS_FILE, build_record, last_error_line, read_records, write_records
 from .report import write_report
 
 CELL_FILE = "cell.json"
@@ -35,6 +35,7 @@ CHILD_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 HEARTBEAT_S = 300.0
+PLAN_TIMEOUT_S = 900
 
 
 @dataclass
@@ -285,6 +286,8 @@ def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, f
         cmd = [sys.executable, cell.script, cell.recipe, *cell.overrides, f"output.dir={run_dir}"]
     else:
         cmd = [sys.executable, "-m", "peftlab.cli", "train", cell.recipe, *cell.overrides, f"output.dir={run_dir}"]
+        if not (cell_dir / CELL_PLAN_FILE).is_file():
+            _plan_cell(cell, cell_dir, say)
     if resumed:
         cmd.append("--resume")
     write_json(cell_dir / CELL_FILE, {"cell": cell.id, "recipe_hash": cell.recipe_hash,
@@ -317,6 +320,22 @@ def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, f
         return build_record(plan, cell, ctx, run_dir, status="failed",
                             error="the run exited 0 but wrote no metrics.json", **common)
     return build_record(plan, cell, ctx, run_dir, status="ok", **common)
+
+
+def _plan_cell(cell: Cell, cell_dir: Path, say) -> None:
+    """The planner's prediction for the cell (``peftlab plan --json``), recorded beside what the cell
+    measures; the cell runs whatever the planner says."""
+    cmd = [sys.executable, "-m", "peftlab.cli", "plan", cell.recipe, *cell.overrides, "--json"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env={**os.environ, **CHILD_ENV, **cell.env}, timeout=PLAN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        say(f"  plan: gave up after {PLAN_TIMEOUT_S} s")
+        return
+    if done.returncode in (0, 1):  # 1: does not fit the memory available; still a prediction
+        write_text(cell_dir / CELL_PLAN_FILE, done.stdout)
+    else:
+        say(f"  plan: {last_error_line(done.stderr) or f'exit status {done.returncode}'}")
 
 
 def _last_progress(path: Path) -> str:

@@ -74,6 +74,12 @@ def columns_for(records: list[dict], metric: Optional[str]) -> list[Column]:
                lambda r: _mib(record_value(r, "memory", "parent_peak_rss_bytes")), "{:.0f}", markdown=False),
         Column("load_rss_mib", "model-load RSS (MiB)", lambda r: _mib(record_value(r, "memory", "load_rss_bytes")), "{:.0f}"),
     ]
+    if any(r.get("plan") for r in records):  # `peftlab plan`'s prediction beside the measured values
+        cols += [
+            Column("planned_peak_mib", "predicted peak (MiB)", lambda r: _mib(record_value(r, "plan", "peak_bytes")), "{:.0f}"),
+            Column("planned_samples_per_s", "predicted samples/s", lambda r: record_value(r, "plan", "samples_per_s"),
+                   "{:.1f}", markdown=False),
+        ]
     if any(record_value(r, "memory", "cuda_max_memory_allocated_bytes") is not None for r in records):
         cols += [
             Column("gpu_max_allocated_mib", "GPU max allocated (MiB)",
