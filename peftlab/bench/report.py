@@ -146,7 +146,7 @@ def _header_lines(s: Summary, records_path: Path) -> list[str]:
     lines += ["", f"Every number is computed from `{records_path.name}` (one JSON record per cell). Values are the "
               "mean ± sample standard deviation (n−1) over the seeds that finished; `seeds` = finished/planned. "
               "Each cell ran in its own process: peak RSS is that process's maximum resident memory "
-              "(`getrusage`), model-load RSS is the resident memory right after the model was built; train time "
+              "(Linux `VmHWM`), model-load RSS is the resident memory right after the model was built; train time "
               "excludes evaluation; throughput counts training samples and non-padding tokens; saved size is the "
               "run's `model/` folder.", ""]
     return lines

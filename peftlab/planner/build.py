@@ -75,15 +75,15 @@ def model_config(recipe: Any, task: Any, tokenizer: Any, path: str) -> Any:
                                       trust_remote_code=recipe.backbone.trust_remote_code, **kwargs)
 
 
-def apply_method(recipe: Any, task: Any, model: Any) -> tuple[Any, dict]:
-    """The recipe's method on ``model`` as training applies it (without quantizing: the weights'
-    storage is counted apart); returns the model and its trainable parameters."""
+def apply_method(recipe: Any, task: Any, model: Any, quantized: bool = False) -> tuple[Any, dict]:
+    """The recipe's method on ``model`` as training applies it; returns the model and its trainable
+    parameters. ``quantized``: ``model`` was loaded with the recipe's quantization."""
     from ..backbones import find_head_names
     from ..methods import MethodContext
     from ..runs import build_method
 
     method = build_method(recipe)
-    backbone = recipe.backbone.model_copy(update={"quantization": "none"})
+    backbone = recipe.backbone if quantized else recipe.backbone.model_copy(update={"quantization": "none"})
     ctx = MethodContext(task=task, backbone=backbone, head_names=find_head_names(model))
     model = method.apply(model, ctx)
     return model, method.trainable_parameters(model)
@@ -100,9 +100,9 @@ def meta_model(recipe: Any, task: Any, config: Any) -> Any:
     return task.prepare_model(model)
 
 
-def shallow_model(recipe: Any, task: Any, config: Any, layers: int) -> tuple[Any, dict]:
-    """The backbone's architecture with ``layers`` layers, random weights in the recipe's dtype,
-    the task head and the method applied."""
+def shallow_model(recipe: Any, task: Any, config: Any, layers: int, device: Any = None) -> tuple[Any, dict]:
+    """The backbone's architecture with ``layers`` layers, random weights in the recipe's dtype (and
+    quantization, on ``device``), the task head and the method applied."""
     import copy
 
     from ..backbones import auto_class
@@ -116,4 +116,18 @@ def shallow_model(recipe: Any, task: Any, config: Any, layers: int) -> tuple[Any
             setattr(config, key, getattr(config, key)[:layers])
     model = auto_class(task.auto_model).from_config(
         config, dtype=getattr(torch, recipe.backbone.dtype), trust_remote_code=recipe.backbone.trust_remote_code)
-    return apply_method(recipe, task, task.prepare_model(model))
+    if recipe.backbone.quantization == "none":
+        return apply_method(recipe, task, task.prepare_model(model))
+    return apply_method(recipe, task, _quantized_copy(recipe, task, model, device), quantized=True)
+
+
+def _quantized_copy(recipe: Any, task: Any, model: Any, device: Any) -> Any:
+    """``model`` saved and loaded again through the run's own quantized load (bitsandbytes layers,
+    the same modules kept in full precision)."""
+    import tempfile
+
+    from ..backbones import load_task_model
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-plan-") as tmp:
+        model.save_pretrained(tmp)  # safetensors; the load copies what it keeps out of the file
+        return load_task_model(recipe.backbone, task, {"config": model.config}, path=tmp, device=device)

@@ -15,10 +15,11 @@ from .build import (apply_method, batch_of, layer_count, load_data, longest_eval
 from .trace import Trace, TraceInputs, trace
 from .weights import count_weights, quantizable_weights
 
-# What glibc and torch hold beyond the tensors alive at the peak (freed blocks kept for reuse,
-# per-thread arenas, the autograd graph's objects), as a fraction of those tensors, measured on this
-# project's CPU runs (benchmarks/planner_accuracy.py compares every prediction with a real run).
-ALLOCATOR_SLACK = 0.10
+# What a CPU run holds beyond the base process, the weights and the tensors the trace counts (the
+# loop's loaders and logs, heap blocks freed but kept, the autograd graph's own objects): measured
+# on this project's runs, where it was about constant across methods (benchmarks/README.md, the
+# planner; benchmarks/planner_accuracy.py compares every prediction with a real run).
+RUN_OVERHEAD_BYTES = 100 * 2**20
 
 
 class Estimator:
@@ -36,7 +37,7 @@ class Estimator:
 
             torch.set_num_threads(recipe.train.num_threads or cpu_cores())
         if recipe.backbone.quantization != "none":
-            import bitsandbytes  # noqa: F401  (a quantized run imports it: part of its base memory)
+            warm_up_quantized(recipe.backbone.quantization, self.device)
         self.data = load_data(recipe)
         self.path = resolve_backbone(recipe.backbone)
         self.config = model_config(recipe, self.data.task, self.data.tokenizer, self.path)
@@ -84,7 +85,7 @@ class Estimator:
         r, data, task, device = self.recipe, self.data, self.data.task, self.device
 
         def build(layers: int) -> tuple[Any, dict]:
-            model, trainable = shallow_model(r, task, self.config, layers)
+            model, trainable = shallow_model(r, task, self.config, layers, device)
             return model.to(device), trainable
 
         def on_device(batch: Optional[dict]) -> Optional[dict]:
@@ -99,6 +100,7 @@ class Estimator:
             eval_batch=on_device(longest_eval(data, eval_batch_size)),
             optimizer=lambda params: make_optimizer(None, params, r, []),
             gradient_checkpointing=checkpointing,
+            max_grad_norm=r.train.max_grad_norm,
         )
 
     def _evaluate(self, model: Any, batch: dict) -> None:
@@ -116,7 +118,7 @@ class Estimator:
         grads, optim = w.trainable_bytes, 2 * w.trainable_bytes  # AdamW: exp_avg and exp_avg_sq
         peaks = {phase: t.peak(phase) for phase in ("train", "step", "eval")}
         phase = max(peaks, key=peaks.get)
-        slack = int(ALLOCATOR_SLACK * peaks[phase]) if self.device.type == "cpu" else 0
+        slack = RUN_OVERHEAD_BYTES if self.device.type == "cpu" else 0
         longest = tuple(batch_of(self.data, self.data.train, 1, "longest")["input_ids"].shape)[-1]
         components = [
             Component("process before the weights", self.base_bytes, "imports (the model's code too), tokenizer, data (measured)"),
@@ -128,7 +130,7 @@ class Estimator:
                       f"forward + backward, longest batch {batch_size} x {longest} tokens"
                       + (", checkpointed" if checkpointing else "")),
             Component("evaluation pass", max(0, peaks["eval"] - optim), f"batch {eval_batch_size}, no gradients"),
-            Component("allocator slack", slack, f"{ALLOCATOR_SLACK:.0%} of the tensors alive at the peak"),
+            Component("run overhead", slack, "loaders, logs, freed heap, autograd objects (measured here)"),
         ]
         load = self.base_bytes + w.frozen_bytes + w.trainable_bytes
         step_s = t.step_s
@@ -153,7 +155,16 @@ class Estimator:
         if self.device.type == "cuda":
             notes.append("cuda: device memory of tensors only (no CUDA context, no host memory); "
                          "the speed is the trace's, measured on this machine's device")
-        if self.recipe.backbone.quantization != "none":
-            notes.append("activations and speed are traced on float layers; bitsandbytes' dequantized "
-                         "weights are not in the trace")
         return notes
+
+
+def warm_up_quantized(quantization: str, device: Any) -> None:
+    """One step through a small bitsandbytes layer: what its first use loads (bitsandbytes, the
+    compiled kernels it pulls in) is part of a quantized run's memory before its weights."""
+    import bitsandbytes as bnb
+
+    layer = (bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) if quantization == "int8"
+             else bnb.nn.Linear4bit(64, 64, quant_type=quantization, compute_dtype=torch.float32))
+    layer = layer.to(device)
+    x = torch.randn(2, 64, device=device, requires_grad=True)
+    layer(x).sum().backward()

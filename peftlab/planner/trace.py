@@ -107,6 +107,7 @@ class TraceInputs:
     eval_batch: Optional[dict]  # the evaluation batch of the longest examples
     optimizer: Callable[[list], Any]
     gradient_checkpointing: bool = False
+    max_grad_norm: Optional[float] = None  # clipped as the run clips
 
 
 def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> DepthTrace:
@@ -116,6 +117,8 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Depth
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = inputs.optimizer(params)
+    clip = (lambda: torch.nn.utils.clip_grad_norm_(list(params.values()), inputs.max_grad_norm)) \
+        if inputs.max_grad_norm else (lambda: None)
     state = list(model.parameters()) + list(model.buffers())
     batches = [b for b in (inputs.longest, inputs.typical, inputs.eval_batch) if b is not None]
     static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
@@ -125,6 +128,7 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Depth
             live.start("train")
             inputs.loss(model, inputs.longest).backward()
             live.start("step")
+            clip()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if inputs.eval_batch is not None:
@@ -136,6 +140,7 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Depth
     for _ in range(timed_steps + 1 if timed_steps else 0):
         start = time.perf_counter()
         inputs.loss(model, inputs.typical).backward()
+        clip()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
