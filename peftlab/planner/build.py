@@ -1,4 +1,4 @@
-"""What the planner builds from a recipe: its data (the longest and typical batches), the full-depth
+"""What the planner builds from a recipe: its data (the longest batch, batches to time), the full-depth
 model on meta tensors (weights) and shallow real copies (the trace)."""
 
 from __future__ import annotations
@@ -37,16 +37,26 @@ def load_data(recipe: Any) -> PlanData:
     return PlanData(task, tokenizer, train, evals)
 
 
-def batch_of(data: PlanData, split: Any, size: int, where: str) -> dict:
-    """``size`` examples of ``split`` collated as training does: the longest (``where='longest'``) or
-    those around the median length (``'typical'``)."""
+def batch_of(data: PlanData, split: Any, size: int) -> dict:
+    """The ``size`` longest examples of ``split``, collated as training does."""
     lengths = split.lengths()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if where == "typical":
-        start = max(0, min(len(order) - size, len(order) // 2 - size // 2))
-        order = order[start:]
-    rows = [split[i] for i in order[:size]]
-    return data.task.collator(data.tokenizer)(rows)
+    return data.task.collator(data.tokenizer)([split[i] for i in order[:size]])
+
+
+def timing_batches(data: PlanData, size: int, count: int = 4, seed: int = 0) -> list[dict]:
+    """``count`` training batches as a length-grouped epoch forms them (examples of similar length),
+    around randomly drawn (seeded) examples: their mean step time is the epoch's."""
+    import random
+
+    lengths = data.train.lengths()
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(count):
+        start = max(0, min(len(order) - size, rng.randrange(len(order)) - size // 2))
+        batches.append(data.task.collator(data.tokenizer)([data.train[i] for i in order[start:start + size]]))
+    return batches
 
 
 def longest_eval(data: PlanData, size: int) -> Optional[dict]:
@@ -54,7 +64,7 @@ def longest_eval(data: PlanData, size: int) -> Optional[dict]:
     if not splits:
         return None
     split = max(splits, key=lambda s: max(s.lengths()))
-    return batch_of(data, split, size, "longest")
+    return batch_of(data, split, size)
 
 
 def layer_count(config: Any) -> int:

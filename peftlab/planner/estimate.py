@@ -11,7 +11,7 @@ import torch
 from ..errors import PeftlabError
 from .result import Component, Plan
 from .build import (apply_method, batch_of, layer_count, load_data, longest_eval, meta_model,
-                    model_config, shallow_model)
+                    model_config, shallow_model, timing_batches)
 from .trace import Trace, TraceInputs, trace
 from .weights import count_weights, quantizable_weights
 
@@ -76,7 +76,7 @@ class Estimator:
         if cached is None or (timed and math.isnan(cached.step_s)):
             inputs = self.trace_inputs(batch_size, checkpointing, eval_batch_size)
             with torch.random.fork_rng(devices=[]):
-                self._traces[key] = trace(inputs, self.layers, timed_steps=4 if timed else 0)
+                self._traces[key] = trace(inputs, self.layers, timed_steps=2 if timed else 0)
         return self._traces[key]
 
     def trace_inputs(self, batch_size: int, checkpointing: bool, eval_batch_size: int) -> TraceInputs:
@@ -95,8 +95,8 @@ class Estimator:
             build=build,
             loss=task.training_loss,
             evaluate=self._evaluate,
-            longest=on_device(batch_of(data, data.train, batch_size, "longest")),
-            typical=on_device(batch_of(data, data.train, batch_size, "typical")),
+            longest=on_device(batch_of(data, data.train, batch_size)),
+            timing=[on_device(b) for b in timing_batches(data, batch_size)],
             eval_batch=on_device(longest_eval(data, eval_batch_size)),
             optimizer=lambda params: make_optimizer(None, params, r, []),
             gradient_checkpointing=checkpointing,
@@ -119,7 +119,7 @@ class Estimator:
         peaks = {phase: t.peak(phase) for phase in ("train", "step", "eval")}
         phase = max(peaks, key=peaks.get)
         slack = RUN_OVERHEAD_BYTES if self.device.type == "cpu" else 0
-        longest = tuple(batch_of(self.data, self.data.train, 1, "longest")["input_ids"].shape)[-1]
+        longest = tuple(batch_of(self.data, self.data.train, 1)["input_ids"].shape)[-1]
         components = [
             Component("process before the weights", self.base_bytes, "imports (the model's code too), tokenizer, data (measured)"),
             Component("frozen weights", w.frozen_bytes, self._weight_note()),
@@ -134,8 +134,8 @@ class Estimator:
         ]
         load = self.base_bytes + w.frozen_bytes + w.trainable_bytes
         step_s = t.step_s
-        typical = batch_of(self.data, self.data.train, batch_size, "typical")
-        tokens = int(typical["attention_mask"].sum()) if "attention_mask" in typical else batch_size
+        timing = timing_batches(self.data, batch_size)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else batch_size for b in timing) / len(timing)
         return Plan(
             recipe=self.recipe.source, device=self.device.type, batch_size=batch_size, grad_accum=grad_accum,
             eval_batch_size=eval_batch_size, gradient_checkpointing=checkpointing, components=components,

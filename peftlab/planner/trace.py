@@ -69,7 +69,7 @@ class DepthTrace:
 
     layers: int
     peaks: dict[str, int]  # bytes alive at each phase's peak (parameters not included)
-    step_s: float  # seconds per training step (forward, backward, optimizer) on the typical batch
+    step_s: float  # seconds per training step (forward, backward, clipping, optimizer), mean over the timed batches
     param_bytes: int
 
 
@@ -103,14 +103,14 @@ class TraceInputs:
     loss: Callable[[Any, dict], torch.Tensor]  # the task's training loss
     evaluate: Callable[[Any, dict], Any]  # one evaluation batch through the model (no_grad inside)
     longest: dict  # the training batch of the longest examples (padded as training pads it)
-    typical: dict  # a training batch of median-length examples (for the step time)
+    timing: list  # training batches as an epoch forms them (for the step time)
     eval_batch: Optional[dict]  # the evaluation batch of the longest examples
     optimizer: Callable[[list], Any]
     gradient_checkpointing: bool = False
     max_grad_norm: Optional[float] = None  # clipped as the run clips
 
 
-def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> DepthTrace:
+def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> DepthTrace:
     torch.manual_seed(0)
     model, params = inputs.build(layers)
     if inputs.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -120,7 +120,7 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Depth
     clip = (lambda: torch.nn.utils.clip_grad_norm_(list(params.values()), inputs.max_grad_norm)) \
         if inputs.max_grad_norm else (lambda: None)
     state = list(model.parameters()) + list(model.buffers())
-    batches = [b for b in (inputs.longest, inputs.typical, inputs.eval_batch) if b is not None]
+    batches = [b for b in (inputs.longest, *inputs.timing, inputs.eval_batch) if b is not None]
     static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
     param_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in state}.values())
     with LiveTensors(static) as live:
@@ -136,18 +136,29 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Depth
             model.eval()
             inputs.evaluate(model, inputs.eval_batch)
             model.train()
-    times = []
-    for _ in range(timed_steps + 1 if timed_steps else 0):
+    return DepthTrace(layers, dict(live.peaks), time_steps(inputs, model, optimizer, clip, timed_steps), param_bytes)
+
+
+def time_steps(inputs: TraceInputs, model: Any, optimizer: Any, clip: Callable, repeats: int) -> float:
+    """Mean seconds per step over the timing batches, each the fastest of ``repeats`` (after a warm-up
+    step); NaN when ``repeats`` is 0."""
+    if not repeats:
+        return math.nan
+
+    def step(batch: dict) -> float:
         start = time.perf_counter()
-        inputs.loss(model, inputs.typical).backward()
+        inputs.loss(model, batch).backward()
         clip()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return DepthTrace(layers, dict(live.peaks), min(times[1:]) if timed_steps else math.nan, param_bytes)
+        return time.perf_counter() - start
+
+    step(inputs.timing[0])
+    best = [min(step(batch) for _ in range(repeats)) for batch in inputs.timing]
+    return sum(best) / len(best)
 
 
-def trace(inputs: TraceInputs, layers: int, timed_steps: int = 4) -> Trace:
+def trace(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Trace:
     """Depths 2 and 3 (1 and 2 for a 2-layer model): at one layer the peak can fall elsewhere in the step."""
     low = max(1, min(2, layers - 1))
     return Trace(layers, trace_depth(inputs, low, timed_steps), trace_depth(inputs, low + 1, timed_steps))
