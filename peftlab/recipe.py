@@ -146,8 +146,8 @@ class TrainConfig(StrictModel):
         "grad_accum) that auto keeps.",
     )
     memory_budget: Optional[Union[int, str]] = Field(
-        None, description="With batch_size: auto, the memory the run may use (e.g. 20GiB; default: what is "
-        "available when it starts).",
+        None, description="With batch_size: auto, the memory each process may use (e.g. 20GiB; default: what "
+        "is available when it starts, shared by the processes on this machine).",
     )
     eval_batch_size: int = Field(64, gt=0, description="Per-process evaluation batch size.")
     group_by_length: bool = Field(

@@ -80,6 +80,19 @@ def memory_bytes(text: object) -> "int | None":
     return int(value * units[unit]) if value > 0 and unit in units else None
 
 
+def available_memory_bytes() -> int:
+    """Memory a new allocation can have now without swapping (Linux's MemAvailable: free memory plus
+    the page cache it can drop)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: Linux's VmHWM, the high-water mark of its own address space.
     (getrusage's ru_maxrss also keeps the parent's resident size at the fork that started a child, so a

@@ -65,9 +65,9 @@ class Estimator:
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             return int(free)
-        import os
+        from ..system import available_memory_bytes
 
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) + self.base_bytes
+        return available_memory_bytes() + self.base_bytes  # this process's own memory is the run's too
 
     def trace_for(self, batch_size: int, checkpointing: bool, eval_batch_size: int, timed: bool = True) -> Trace:
         """The setting's trace (cached); ``timed=False`` skips the timed steps (a fit's candidates)."""

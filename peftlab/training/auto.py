@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from typing import Any, Optional
 
 from ..atomicio import write_json
 from ..errors import PeftlabError
+from ..system import available_memory_bytes
 from ..recipe import TrainConfig
 from ..util import read_json_or_none
 
@@ -31,11 +33,18 @@ def planned_config(recipe: Any, run_dir: Path, resuming: bool, accelerator: Any)
     if saved is not None:
         log.info("plan: resumed with %s", _describe(saved["settings"]))
         return cfg.model_copy(update=saved["settings"]), None
-    plan = _plan(recipe, accelerator) if accelerator.is_main_process else None
+    plan = None
+    if accelerator.is_main_process:
+        try:
+            plan = _plan(recipe, accelerator)
+        except PeftlabError as exc:  # every process stops with the same line, none waits for the others
+            plan = {"error": str(exc)}
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         plan = broadcast_object_list([plan])[0]
+    if "error" in plan:
+        raise PeftlabError(plan["error"])
     log.info("plan: %s; predicted peak %.0f MiB of %.0f MiB", _describe(plan["settings"]),
              plan["peak_bytes"] / 2**20, plan["budget_bytes"] / 2**20)
     return cfg.model_copy(update=plan["settings"]), plan
@@ -49,8 +58,12 @@ def _plan(recipe: Any, accelerator: Any) -> dict:
         path.write_text(recipe.to_yaml(), encoding="utf-8")
         cmd = [sys.executable, "-m", "peftlab.cli", "plan", str(path), "--fit", "--json",
                "--device", accelerator.device.type]
-        if recipe.train.memory_budget is not None:
-            cmd += ["--memory", str(recipe.train.memory_budget)]
+        budget = recipe.train.memory_budget
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        if budget is None and local > 1 and accelerator.device.type == "cpu":  # the processes share this RAM
+            budget = available_memory_bytes() // local
+        if budget is not None:
+            cmd += ["--memory", str(budget)]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
