@@ -80,31 +80,31 @@ def memory_bytes(text: object) -> "int | None":
     return int(value * units[unit]) if value > 0 and unit in units else None
 
 
-def available_memory_bytes() -> int:
-    """Memory a new allocation can have now without swapping (Linux's MemAvailable: free memory plus
-    the page cache it can drop)."""
+def _proc_kib(path: str, key: str) -> "int | None":
+    """The ``key: N kB`` field of a /proc status file, in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:  # pragma: no cover - not Linux
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def available_memory_bytes() -> int:
+    """Memory a new allocation can have now without swapping (Linux's MemAvailable: free memory plus
+    the page cache it can drop)."""
+    found = _proc_kib("/proc/meminfo", "MemAvailable")
+    return found if found is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: Linux's VmHWM, the high-water mark of its own address space.
     (getrusage's ru_maxrss also keeps the parent's resident size at the fork that started a child, so a
     run launched from a large process would report that process's size.)"""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    found = _proc_kib("/proc/self/status", "VmHWM")
+    return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:
