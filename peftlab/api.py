@@ -85,19 +85,14 @@ def _has_defaults(options_cls: Any) -> bool:
 def _trainable_on_meta(r: Any, task: Any, model: Any) -> Optional[str]:
     """Trainable parameters of the method on the backbone's empty (meta) modules; quantization does
     not change the count. None when the method cannot be applied without weights."""
-    from .methods import MethodContext
-    from .backbones import find_head_names
-    from .runs import build_method
+    from .planner.build import apply_method
 
     if model is None:
         return None
     try:
         model.tie_weights()  # as loading does (an empty model is built untied)
-        method = build_method(r)
-        backbone = r.backbone.model_copy(update={"quantization": "none"})
-        ctx = MethodContext(task=task, backbone=backbone, head_names=find_head_names(model))
-        built = method.apply(model, ctx)
-        trainable = sum(p.numel() for p in method.trainable_parameters(built).values())
+        built, params = apply_method(r, task, model)
+        trainable = sum(p.numel() for p in params.values())
         total = sum(p.numel() for p in built.parameters())
     except Exception:  # noqa: BLE001 - a count only; training reports real problems
         return None

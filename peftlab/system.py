@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import resource
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -42,28 +44,29 @@ def set_mmap_threshold(mb: float) -> bool:
     activation-sized tensors come from the heap and their memory stays resident once freed; a fixed
     threshold turns that off. Returns False where there is no glibc ``mallopt`` (nothing changes).
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mb * 1024 * 1024)))
-    except (OSError, AttributeError):
-        return False
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mb * 1024 * 1024))) if mallopt is not None else False
 
 
 def release_free_memory() -> bool:
     """Hand the heap memory glibc keeps after frees (a training step's small tensors) back to the OS
     (``malloc_trim``), so that an evaluation pass starts from what is alive, not from the step's high
     water mark. False where there is no glibc."""
+    malloc_trim = _libc_function("malloc_trim")
+    return bool(malloc_trim(0)) if malloc_trim is not None else False
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str) -> Any:
+    """``name`` from the C library, looked up once per process (``find_library`` runs a subprocess,
+    and malloc_trim runs before every evaluation); None where the library has no such function."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def memory_bytes(text: object) -> "int | None":

@@ -45,6 +45,7 @@ class Estimator:
         self.weights = self._count_weights()  # builds the model's modules: its code is imported now
         self.base_bytes = current_rss_bytes() if self.device.type == "cpu" else 0
         self._traces: dict[tuple, Trace] = {}
+        self._batches: dict[int, tuple[dict, list[dict]]] = {}
 
     def _count_weights(self) -> Any:
         from ..backbones import unquantized_modules
@@ -95,13 +96,20 @@ class Estimator:
             build=build,
             loss=task.training_loss,
             evaluate=self._evaluate,
-            longest=on_device(batch_of(data, data.train, batch_size)),
-            timing=[on_device(b) for b in timing_batches(data, batch_size)],
+            longest=on_device(self.train_batches(batch_size)[0]),
+            timing=[on_device(b) for b in self.train_batches(batch_size)[1]],
             eval_batch=on_device(longest_eval(data, eval_batch_size)),
             optimizer=lambda params: make_optimizer(None, params, r, []),
             gradient_checkpointing=checkpointing,
             max_grad_norm=r.train.max_grad_norm,
         )
+
+    def train_batches(self, batch_size: int) -> tuple[dict, list[dict]]:
+        """The longest training batch of ``batch_size`` and the batches the step time is measured on."""
+        if batch_size not in self._batches:
+            self._batches[batch_size] = (batch_of(self.data, self.data.train, batch_size),
+                                         timing_batches(self.data, batch_size))
+        return self._batches[batch_size]
 
     def _evaluate(self, model: Any, batch: dict) -> None:
         task = self.data.task
@@ -119,7 +127,8 @@ class Estimator:
         peaks = {phase: t.peak(phase) for phase in ("train", "step", "eval")}
         phase = max(peaks, key=peaks.get)
         slack = RUN_OVERHEAD_BYTES if self.device.type == "cpu" else 0
-        longest = tuple(batch_of(self.data, self.data.train, 1)["input_ids"].shape)[-1]
+        longest_batch, timing = self.train_batches(batch_size)
+        longest = longest_batch["input_ids"].shape[-1]
         components = [
             Component("process before the weights", self.base_bytes, "imports (the model's code too), tokenizer, data (measured)"),
             Component("frozen weights", w.frozen_bytes, self._weight_note()),
@@ -134,7 +143,6 @@ class Estimator:
         ]
         load = self.base_bytes + w.frozen_bytes + w.trainable_bytes
         step_s = t.step_s
-        timing = timing_batches(self.data, batch_size)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else batch_size for b in timing) / len(timing)
         return Plan(
             recipe=self.recipe.source, device=self.device.type, batch_size=batch_size, grad_accum=grad_accum,

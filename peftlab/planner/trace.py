@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -70,7 +70,6 @@ class DepthTrace:
     layers: int
     peaks: dict[str, int]  # bytes alive at each phase's peak (parameters not included)
     step_s: float  # seconds per training step (forward, backward, clipping, optimizer), mean over the timed batches
-    param_bytes: int
 
 
 @dataclass
@@ -80,7 +79,6 @@ class Trace:
     layers: int
     one: DepthTrace
     two: DepthTrace
-    notes: list[str] = field(default_factory=list)
 
     def extrapolate(self, one: float, two: float) -> float:
         if self.layers <= self.one.layers:
@@ -122,7 +120,6 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Depth
     state = list(model.parameters()) + list(model.buffers())
     batches = [b for b in (inputs.longest, *inputs.timing, inputs.eval_batch) if b is not None]
     static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
-    param_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in state}.values())
     with LiveTensors(static) as live:
         for _ in range(2):  # the second step runs with the optimizer state the first created
             live.start("train")
@@ -136,7 +133,7 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Depth
             model.eval()
             inputs.evaluate(model, inputs.eval_batch)
             model.train()
-    return DepthTrace(layers, dict(live.peaks), time_steps(inputs, model, optimizer, clip, timed_steps), param_bytes)
+    return DepthTrace(layers, dict(live.peaks), time_steps(inputs, model, optimizer, clip, timed_steps))
 
 
 def time_steps(inputs: TraceInputs, model: Any, optimizer: Any, clip: Callable, repeats: int) -> float:
