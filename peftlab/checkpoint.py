@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomicio import TMP_PREFIX, atomic_dir
+from .sharded import shard_like, whole
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 BEST_FILE = "best.safetensors"
@@ -39,17 +40,34 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer
 log = logging.getLogger("peftlab")
 
 
-def optimizer_to_tensors(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_tensors(optimizer: Any, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state as whole tensors (FSDP shards gathered: every process must call it);
+    ``keep=False`` on processes that do not write."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+                full = whole(value, keep)
+                if full is not None:
+                    tensors[f"{idx}.{key}"] = full
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def shard_optimizer_state(state_dict: dict, optimizer: Any) -> dict:
+    """A saved (whole) optimizer state split the way this process's sharded parameters are."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    by_id = dict(zip(ids, params))
+    for idx, values in state_dict["state"].items():
+        param = by_id.get(int(idx))
+        for key, value in list(values.items()):
+            if param is not None and torch.is_tensor(value) and value.shape == param.shape:
+                values[key] = shard_like(value, param)
+    return state_dict
 
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -85,18 +103,19 @@ def restore_rng(tensors: dict[str, torch.Tensor], accelerator: Any) -> None:
 def save_checkpoint(
     folder: Path,
     trainable: dict[str, torch.Tensor],
-    optimizer: Any,
+    optimizer: tuple[dict[str, torch.Tensor], dict],
     rng: dict[str, torch.Tensor],
     state: dict,
     best_file: Optional[Path] = None,
 ) -> Path:
     """Write one complete checkpoint atomically (called on rank 0 only).
 
-    ``best_file``: the best model's trainable state so far, kept with the checkpoint (hard link).
+    ``optimizer``: what :func:`optimizer_to_tensors` returned. ``best_file``: the best model's
+    trainable state so far, kept with the checkpoint (hard link).
     """
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        opt_tensors, opt_meta = optimizer
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
         save_file(rng, str(tmp / "rng.safetensors"))

@@ -156,7 +156,7 @@ def test_evaluation_pairs_every_window_with_its_question_when_sorted_by_length(t
         q, offsets = encoded.extra["windows"][f["_window"]]
         if f["start_positions"]:
             expected[q] = splits.train[q]["context"][offsets[f["start_positions"]][0]:offsets[f["end_positions"]][1]]
-    logits, _, _ = task.window_logits(OracleQA(encoded.features), dl, accelerator)
+    logits, _ = task.window_logits(OracleQA(encoded.features), dl, accelerator)
     assert [a["answer"] for a in task.answers(encoded, logits)] == [expected[q] for q in range(len(splits.train))]
     # the same logits with the windows' questions shuffled would score far lower: the map matters
     by_length: dict[int, list[int]] = {}

@@ -177,7 +177,10 @@ def merge_peft_model(model: Any) -> Any:
 
 
 def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str) -> None:
-    """Copy ``state`` into ``model``'s parameters by name; every key must match a parameter."""
+    """Copy ``state`` into ``model``'s parameters by name; every key must match a parameter. Whole
+    tensors go into FSDP-sharded parameters as this process's part."""
+    from ..sharded import shard_like
+
     params = dict(model.named_parameters())
     missing = [k for k in state if k not in params]
     if missing:
@@ -188,7 +191,7 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor], where: str)
                 raise PeftlabError(
                     f"{where}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}"
                 )
-            params[k].copy_(v.to(params[k].device, params[k].dtype))
+            params[k].copy_(shard_like(v, params[k]))  # copy_ converts device and dtype
 
 
 def _check_plugin_class(cls: Any, ep_name: str) -> Optional[str]:

@@ -206,8 +206,20 @@ def check_known_labels(examples: list[dict], key: str, known: set, split: str, i
                 )
 
 
-def mean_loss(total: float, count: int) -> float:
-    return total / count if count else math.nan
+class LossTally:
+    """An evaluation loss over a split's items, each counted once. Tasks add per-row loss sums and
+    item counts *after* ``accelerator.gather_for_metrics``, which drops the rows accelerate repeats to
+    give every process an equal last batch (summing before the gather counted those rows twice)."""
+
+    def __init__(self) -> None:
+        self.total, self.items = 0.0, 0.0
+
+    def add(self, row_loss: torch.Tensor, row_items: torch.Tensor) -> None:
+        self.total += float(row_loss.double().sum())
+        self.items += float(row_items.double().sum())
+
+    def mean(self) -> float:
+        return self.total / self.items if self.items else math.nan
 
 
 def batch_to_model_inputs(batch: dict) -> dict:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..data import load_splits
 from ..errors import PeftlabError
+from ..sharded import is_sharded
 from . import EncodedSplit, Task, register_task
 
 log = logging.getLogger("peftlab")
@@ -399,7 +400,10 @@ class CausalLM(Task):
     def generate_ids(self, model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen_config: Any) -> torch.Tensor:
         """New token ids after each left-padded prompt (greedy); finished rows are padded."""
         model = _unwrap(model)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        # FSDP: every forward gathers weights from every process, so all keep stepping until the last finishes
+        synced = any(is_sharded(p) for p in model.parameters())
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
+                             synced_gpus=synced)
         return out[:, prompt_ids.shape[1]:]
 
     def decode(self, ids: torch.Tensor, tokenizer: Any, gen_config: Any) -> list[str]:

@@ -23,13 +23,14 @@ from functools import lru_cache
 from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from transformers import DataCollatorWithPadding
 
 from ..data import check_text_rows, load_splits
 from ..errors import PeftlabError
 from ..metrics import squad_scores
-from . import EncodedSplit, NoOptions, Plan, Task, batch_to_model_inputs, mean_loss, register_task
+from . import EncodedSplit, LossTally, NoOptions, Plan, Task, batch_to_model_inputs, register_task
 
 NEG = -1e4  # pads the logits of shorter windows when processes gather them
 
@@ -200,23 +201,25 @@ class QuestionAnswering(Task):
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def window_logits(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[dict, float, int]:
-        """``{window id: (start logits, end logits)}`` of every window, and the summed loss."""
+    def window_logits(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[dict, float]:
+        """``{window id: (start logits, end logits)}`` of every window, and the mean loss."""
         model.eval()
         logits: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        loss_sum, loss_n = 0.0, 0
+        tally = LossTally()
         for batch in dataloader:
-            out = model(**batch_to_model_inputs(batch))
-            if out.loss is not None:
-                n = self.count_items(batch)
-                loss_sum, loss_n = loss_sum + float(out.loss) * n, loss_n + n
+            inputs = batch_to_model_inputs(batch)
+            targets = [inputs.pop(k, None) for k in ("start_positions", "end_positions")]
+            out = model(**inputs)
+            row_loss = (window_losses(out.start_logits, out.end_logits, *targets) if targets[0] is not None
+                        else torch.zeros(len(out.start_logits), device=out.start_logits.device))
             start, end = (accelerator.pad_across_processes(t.float(), dim=1, pad_index=NEG)
                           for t in (out.start_logits, out.end_logits))
-            start, end, ids = accelerator.gather_for_metrics((start, end, batch["_window"]))
+            start, end, ids, row_loss, rows = accelerator.gather_for_metrics(
+                (start, end, batch["_window"], row_loss, torch.full_like(row_loss, float(targets[0] is not None))))
+            tally.add(row_loss, rows)
             for s, e, w in zip(start.cpu(), end.cpu(), ids.tolist()):
                 logits[w] = (s, e)
-        totals = accelerator.reduce(torch.tensor([loss_sum, float(loss_n)], device=accelerator.device), "sum")
-        return logits, float(totals[0]), int(totals[1])
+        return logits, tally.mean()
 
     def answers(self, encoded: EncodedSplit, logits: dict) -> list[dict]:
         """The best answer of each question (``{"answer", "start", "end", "score"}``), in question order."""
@@ -236,12 +239,12 @@ class QuestionAnswering(Task):
         return out
 
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: EncodedSplit) -> dict:
-        logits, loss_sum, loss_n = self.window_logits(model, dataloader, accelerator)
+        logits, loss = self.window_logits(model, dataloader, accelerator)
         found = self.answers(encoded, logits)
         references = [[a["text"] for a in ex[self.options.answers_column]] or [""]
                       for ex in encoded.extra["questions"]]
         scores = squad_scores([a["answer"] for a in found], references)
-        return {**scores, "loss": mean_loss(loss_sum, loss_n), "examples": len(found), "windows": len(logits)}
+        return {**scores, "loss": loss, "examples": len(found), "windows": len(logits)}
 
     # -- prediction -------------------------------------------------------------------------------
     def predict_plans(self, tokenizer: Any, items: list[dict], batch_size: int) -> Iterator[Plan]:
@@ -291,6 +294,15 @@ class Span(NamedTuple):
     start: int  # characters of the context
     end: int
 
+
+
+def window_losses(start: torch.Tensor, end: torch.Tensor, start_pos: torch.Tensor, end_pos: torch.Tensor) -> torch.Tensor:
+    """Each window's term of transformers' question-answering loss: the mean of the start and end
+    cross-entropies, positions past the window ignored (as the model's own loss clamps them)."""
+    ignored = start.shape[1]
+    losses = [F.cross_entropy(logits.float(), pos.clamp(0, ignored), ignore_index=ignored, reduction="none")
+              for logits, pos in ((start, start_pos), (end, end_pos))]
+    return (losses[0] + losses[1]) / 2
 
 def best_span(start: torch.Tensor, end: torch.Tensor, offsets: list, max_len: int) -> Optional[Span]:
     """The window's best span inside the context by start + end logit; None when it holds no context."""

@@ -8,12 +8,13 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers import DataCollatorWithPadding
 
 from ..data import check_labels, check_text_rows, load_splits
 from ..errors import PeftlabError
 from ..metrics import macro_f1, multilabel_f1, pearson, spearman
-from . import EncodedSplit, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
+from . import EncodedSplit, LossTally, Task, batch_to_model_inputs, check_known_labels, register_task
 
 PROBLEM_METRICS = {
     "single_label": ("accuracy", "macro_f1", "loss"),
@@ -141,18 +142,27 @@ class SequenceClassification(Task):
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_scores(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[torch.Tensor, float, int]:
-        """Per example: softmax probabilities, sigmoid probabilities (multi_label) or the score."""
+    def predict_scores(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[torch.Tensor, float]:
+        """Per example: softmax probabilities, sigmoid probabilities (multi_label) or the score; the mean loss."""
         model.eval()
-        out, loss_sum, loss_n = [], 0.0, 0
+        out, tally = [], LossTally()
         for batch in dataloader:
-            outputs = model(**batch_to_model_inputs(batch))
-            if outputs.loss is not None and "labels" in batch:
-                loss_sum += float(outputs.loss) * len(batch["labels"])
-                loss_n += len(batch["labels"])
-            out.append(accelerator.gather_for_metrics(self.scores_of(outputs.logits.float())).cpu())
-        totals = accelerator.reduce(torch.tensor([loss_sum, float(loss_n)], device=accelerator.device), "sum")
-        return torch.cat(out), float(totals[0]), int(totals[1])
+            logits = model(**{k: v for k, v in batch_to_model_inputs(batch).items() if k != "labels"}).logits.float()
+            labels = batch.get("labels")
+            row_loss = self.row_losses(logits, labels) if labels is not None else torch.zeros(len(logits), device=logits.device)
+            scores, row_loss, rows = accelerator.gather_for_metrics(
+                (self.scores_of(logits), row_loss, torch.full_like(row_loss, float(labels is not None))))
+            tally.add(row_loss, rows)
+            out.append(scores.cpu())
+        return torch.cat(out), tally.mean()
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each example's term of the model's own loss for the problem (transformers' problem_type)."""
+        if self.problem == "regression":
+            return (logits.view(-1) - labels.float().view(-1)) ** 2
+        if self.problem == "multi_label":
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(1)
+        return F.cross_entropy(logits, labels, reduction="none")
 
     def scores_of(self, logits: torch.Tensor) -> torch.Tensor:
         if self.problem == "multi_label":
@@ -163,11 +173,11 @@ class SequenceClassification(Task):
         self.threshold = float(dev.get("threshold", self.threshold))
 
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: EncodedSplit) -> dict:
-        scores, loss_sum, loss_n = self.predict_scores(model, dataloader, accelerator)
+        scores, loss = self.predict_scores(model, dataloader, accelerator)
         gold = [f["labels"] for f in encoded.features]
         metrics = {"single_label": self._score_single, "multi_label": self._score_multi,
                    "regression": self._score_regression}[self.problem](scores, gold, encoded)
-        return {**metrics, "loss": mean_loss(loss_sum, loss_n), "examples": len(gold)}
+        return {**metrics, "loss": loss, "examples": len(gold)}
 
     @staticmethod
     def _score_single(probs: torch.Tensor, gold: list, encoded: EncodedSplit) -> dict:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from transformers import DataCollatorForTokenClassification
 
 from ..data import check_token_rows, load_splits
 from ..metrics import entity_scores
-from . import EncodedSplit, NoOptions, Task, batch_to_model_inputs, check_known_labels, mean_loss, register_task
+from . import EncodedSplit, LossTally, NoOptions, Task, batch_to_model_inputs, check_known_labels, register_task
 from .crf import CRFClassifier, compact, iob2_allowed, load_crf_tensors, repair_iob2
 
 
@@ -141,39 +142,36 @@ class TokenClassification(Task):
             return super().loss_sum(model, batch)
         return crf_nll(*self._emissions(model, batch), batch["labels"]).sum()
 
-    @staticmethod
-    def _emissions(model: Any, batch: dict) -> tuple[CRFClassifier, torch.Tensor]:
-        """The CRF head the forward pass used, and its emissions (B, L, tags)."""
+    def _emissions(self, model: Any, batch: dict) -> tuple[Optional[CRFClassifier], torch.Tensor]:
+        """The CRF head the forward pass used (None without one), and its logits (B, L, tags)."""
         logits = model(**{k: v for k, v in batch_to_model_inputs(batch).items() if k != "labels"}).logits
-        return CRFClassifier.used(), logits
+        return (CRFClassifier.used() if self.crf else None), logits
 
     @torch.no_grad()
-    def predict_ids(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[list[list[int]], float, int]:
-        """Label ids at every labelled (first sub-token) position, per example, in order."""
+    def predict_ids(self, model: Any, dataloader: Any, accelerator: Any) -> tuple[list[list[int]], float]:
+        """Label ids at every labelled (first sub-token) position, per example, in order; the mean loss."""
         model.eval()
         out: list[list[int]] = []
-        loss_sum, loss_n = 0.0, 0
+        tally = LossTally()
         for batch in dataloader:
-            if self.crf:
-                crf, emissions = self._emissions(model, batch)
-                loss_sum += float(crf_nll(crf, emissions, batch["labels"]).sum())
-                loss_n += self.count_items(batch)
-                pred = self.decode(crf, emissions, batch["labels"])
-            else:
-                outputs = model(**batch_to_model_inputs(batch))
-                if outputs.loss is not None:
-                    n = int((batch["labels"] != -100).sum())
-                    loss_sum += float(outputs.loss) * n
-                    loss_n += n
-                pred = outputs.logits.argmax(-1)
+            crf, emissions = self._emissions(model, batch)
             labels = batch["labels"]
+            labelled = labels != -100
+            if self.crf:  # one negative log-likelihood per labelled sentence
+                row_loss = torch.zeros(len(labels), device=emissions.device)
+                row_loss[labelled.any(1)] = crf_nll(crf, emissions, labels)
+                row_items, pred = labelled.any(1), self.decode(crf, emissions, labels)
+            else:  # the model's own loss (cross-entropy over labelled tokens), summed per sentence
+                row_loss = F.cross_entropy(emissions.float().transpose(1, 2), labels, ignore_index=-100,
+                                           reduction="none").sum(1)
+                row_items, pred = labelled.sum(1), emissions.argmax(-1)
             pred = accelerator.pad_across_processes(pred, dim=1, pad_index=-100)
             labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
-            pred, labels = accelerator.gather_for_metrics((pred, labels))
+            pred, labels, row_loss, row_items = accelerator.gather_for_metrics((pred, labels, row_loss, row_items))
+            tally.add(row_loss, row_items)
             for p, lab in zip(pred.tolist(), labels.tolist()):
                 out.append([pi for pi, li in zip(p, lab) if li != -100])
-        totals = accelerator.reduce(torch.tensor([loss_sum, float(loss_n)], device=accelerator.device), "sum")
-        return out, float(totals[0]), int(totals[1])
+        return out, tally.mean()
 
     @staticmethod
     def decode(crf: CRFClassifier, emissions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -197,10 +195,10 @@ class TokenClassification(Task):
         return preds
 
     def evaluate(self, model: Any, dataloader: Any, accelerator: Any, encoded: EncodedSplit) -> dict:
-        ids, loss_sum, loss_n = self.predict_ids(model, dataloader, accelerator)
+        ids, loss = self.predict_ids(model, dataloader, accelerator)
         y_pred = self.word_predictions(ids, encoded)
         y_true = [ex[self.data_cfg.tags_column] for ex in encoded.examples]
-        return score_entities(y_true, y_pred, mean_loss(loss_sum, loss_n))
+        return score_entities(y_true, y_pred, loss)
 
 
 def repair_known(tags: list[str], known: Any) -> list[str]:

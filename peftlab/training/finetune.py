@@ -21,23 +21,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from .._version import __version__
 from ..backbones import check_max_length, load_tokenizer
-from ..checkpoint import latest_checkpoint, load_latest_checkpoint, prune_checkpoints, restore_rng, rng_tensors, save_checkpoint
+from ..checkpoint import (latest_checkpoint, load_latest_checkpoint, optimizer_to_tensors, prune_checkpoints, restore_rng,
+                          rng_tensors, save_checkpoint, shard_optimizer_state)
 from ..errors import PeftlabError, TrainingError
 from ..methods import load_trainable_state
 from ..outputs import FolderLock
 from ..recipe import Recipe
 from ..runs import (BEST_DIR, CHECKPOINTS_DIR, RunLog, build_model, parameter_report, read_best, write_best,
                     write_error_reason, write_failure, write_results)
-from ..system import current_rss_bytes, peak_rss_bytes, release_free_memory, set_mmap_threshold
-from ..tasks import LengthGroupedEpochSampler, get_task_class
+from ..sharded import any_nonfinite, is_sharded, whole
+from ..system import current_rss_bytes, peak_rss_bytes, release_free_memory
+from ..tasks import get_task_class
 from ..util import scalar_items
 from .auto import planned_config, write_plan
-from .launch import (check_process_group, check_same_recipe, claim_run_dir, make_accelerator, on_main_then_all,
-                     prepare_run_dir, run_sources, set_threads, tracker_config, weight_fingerprint)
+from .launch import (check_process_group, check_same_recipe, claim_run_dir, fsdp_wrap_layers, make_accelerator,
+                     make_loaders, memory_settings, on_main_then_all, prepare_run_dir, run_sources, set_threads,
+                     tracker_config, weight_fingerprint)
 from .optim import make_optimizer, make_scheduler
 from .progress import LossMeter, ProgressBar
 from .state import TrainState
@@ -82,7 +84,7 @@ class FineTuneRecipe:
         self.main = self.accelerator.is_main_process
         check_process_group(self.accelerator)
         self.threads = set_threads(self.accelerator, self.cfg.num_threads)
-        mmap_note = self._memory_settings()
+        mmap_note = memory_settings(self.accelerator, self.cfg.cpu_mmap_threshold_mb)
         on_main_then_all(self.accelerator, self.lock.probe)  # another run writing there: say so before loading anything
         prepare_run_dir(self.run_dir, self.resuming, self.overwrite, run_sources(self.recipe))
         if self.resuming:
@@ -96,14 +98,6 @@ class FineTuneRecipe:
         self._create_run_dir()
         self._log_start(mmap_note)
         self._setup_optimization()
-
-    def _memory_settings(self) -> Optional[str]:
-        mb = self.cfg.cpu_mmap_threshold_mb
-        if not mb or self.accelerator.device.type != "cpu":
-            return None
-        if set_mmap_threshold(mb):
-            return f"memory: glibc mmap threshold fixed at {mb:g} MiB"
-        return "memory: train.cpu_mmap_threshold_mb ignored (no glibc mallopt here)"
 
     def _setup_data(self) -> None:
         task = self.task = get_task_class(self.recipe.task)(self.recipe)
@@ -161,35 +155,25 @@ class FineTuneRecipe:
         if not self.trainable:
             raise TrainingError(f"method '{self.method.name}' left no trainable parameters")
         optimizer = make_optimizer(self.model, self.trainable, self.recipe, self.ctx.head_names)
-        train_dl, eval_dls = self._loaders()
+        for split in [s for s in self.encoded if s != "train"]:
+            self.encoded[split] = self.encoded[split].sorted_by_length()  # evaluation batches by length
+        train_dl, eval_dls = make_loaders(self.encoded, self.task.collator(self.tokenizer), cfg, acc.num_processes)
+        fsdp_wrap_layers(acc, self.model)
         self.model, self.optimizer, self.train_dl = acc.prepare(self.model, optimizer, train_dl)
+        self.sharded = any(is_sharded(p) for p in self.model.parameters())
+        self.trainable = self.method.trainable_parameters(self.unwrapped())  # FSDP swapped in sharded ones
         self.eval_dls = {split: acc.prepare(dl) for split, dl in eval_dls.items()}
         self.steps_per_epoch = max(1, math.ceil(len(self.train_dl) / cfg.grad_accum))
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
         self.n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.scheduler, warmup = make_scheduler(self.optimizer, self.recipe, self.total_steps)
         self.state.processes = acc.num_processes
-        log.info("schedule: %d steps (%d epoch(s) x %d), warmup %d, %s decay, lr %g, batch %d x %d accum x %d proc, "
+        log.info("schedule: %d steps (%d epoch(s) x %d), warmup %d, %s decay, lr %g, batch %d x %d accum x %d proc%s, "
                  "AdamW (%s)", self.total_steps, self.n_epochs, self.steps_per_epoch, warmup, cfg.scheduler, cfg.lr,
-                 cfg.batch_size, cfg.grad_accum, acc.num_processes,
+                 cfg.batch_size, cfg.grad_accum, acc.num_processes, " sharded (FSDP2)" if self.sharded else "",
                  "fused" if self.optimizer.param_groups[0].get("fused") else "per-tensor loop")
         if acc.trackers:
             acc.init_trackers("peftlab", config=tracker_config(self.recipe))
-
-    def _loaders(self) -> tuple[DataLoader, dict[str, DataLoader]]:
-        cfg, train = self.cfg, self.encoded["train"]
-        collate = self.task.collator(self.tokenizer)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        if cfg.group_by_length:
-            sampler = LengthGroupedEpochSampler(train.lengths(), cfg.batch_size * self.accelerator.num_processes, cfg.seed)
-            train_dl = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, generator=generator)
-        else:
-            train_dl = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
-        for split in [s for s in self.encoded if s != "train"]:
-            self.encoded[split] = self.encoded[split].sorted_by_length()
-        eval_dls = {split: DataLoader(self.encoded[split], batch_size=cfg.eval_batch_size, shuffle=False,
-                                      collate_fn=collate) for split in self.encoded if split != "train"}
-        return train_dl, eval_dls
 
     # ----------------------------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -207,7 +191,7 @@ class FineTuneRecipe:
                 f"resume with --num_processes {saved_procs}"
             )
         load_trainable_state(acc.unwrap_model(self.model), ckpt["trainable"], str(ckpt_path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.loss_pending = saved.pop("loss_pending", None)
         self.state = TrainState.from_dict(saved)
@@ -358,9 +342,9 @@ class FineTuneRecipe:
         if improved:
             self._check_finite("best model")
             s.best, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch + 1, 0
+            best = self.trainable_state()  # every process: FSDP gathers the shards
             if self.main:
-                self._guard_write(self.ckpt_dir / BEST_DIR, lambda: write_best(
-                    self.ckpt_dir / BEST_DIR, self.trainable_state(), s, self.metric))
+                self._guard_write(self.ckpt_dir / BEST_DIR, lambda: write_best(self.ckpt_dir / BEST_DIR, best, s, self.metric))
             self.accelerator.wait_for_everyone()
         else:
             s.bad_evals += 1
@@ -380,11 +364,12 @@ class FineTuneRecipe:
         acc, s = self.accelerator, self.state
         rng = rng_tensors(acc)
         pending = self.loss.pending()  # every rank's loss of the open log interval
+        trainable, optimizer = self.trainable_state(), optimizer_to_tensors(self.optimizer, keep=self.main)
         if self.main:
             folder = self.ckpt_dir / f"step-{s.step:06d}"
             extra = {"scheduler": self.scheduler.state_dict(), "loss_pending": pending}
             self._guard_write(folder, lambda: save_checkpoint(
-                folder, self.trainable_state(), self.optimizer, rng, {**s.to_dict(), **extra},
+                folder, trainable, optimizer, rng, {**s.to_dict(), **extra},
                 best_file=self.ckpt_dir / BEST_DIR / "trainable.safetensors"))
             prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
@@ -402,10 +387,13 @@ class FineTuneRecipe:
 
     def _check_finite(self, what: str) -> None:
         """Never save non-finite weights as a checkpoint or as the best model (same on every rank)."""
-        bad = [n for n, p in self.trainable.items() if not bool(torch.isfinite(p.detach()).all())]
+        bad = any_nonfinite(self.trainable.items())
+        if self.sharded:  # each process sees its own shards
+            flags = self.accelerator.gather(torch.tensor([bad is not None], device=self.accelerator.device))
+            bad = bad or ("a parameter of another process" if bool(flags.any()) else None)
         if bad:
             s = self.state
-            self._stop(f"train: weights became non-finite (nan/inf in {bad[0]}) at step {s.step} "
+            self._stop(f"train: weights became non-finite (nan/inf in {bad}) at step {s.step} "
                        f"(epoch {s.epoch + 1}); {what} not saved, training stopped. Last good checkpoint: "
                        f"{latest_checkpoint(self.ckpt_dir) or 'none yet'}. Lower train.lr or check the data")
 
@@ -431,7 +419,7 @@ class FineTuneRecipe:
         }
         resources = self._resources(fingerprints)  # a collective: every process takes part
         if self.main:
-            write_results(self.run_dir, self.unwrapped(), self.built, self.tokenizer, self.recipe, self.params,
+            write_results(self.run_dir, self._export_model(), self.built, self.tokenizer, self.recipe, self.params,
                           resources, results, self.run_log)
             log.info("done: %s (dev %s %.4f at epoch %s%s)", self.run_dir, self.metric, s.best, s.best_epoch,
                      f"; test {self.metric} {test_metrics[self.metric]:.4f}" if test_metrics else "")
@@ -459,9 +447,22 @@ class FineTuneRecipe:
                  ", ".join(f"{k} {v:.4f}" for k, v in scalar_items(metrics).items() if k != "examples"))
         return metrics
 
+    def _export_model(self) -> Any:
+        """The model that model/ is written from. FSDP: the shards are not a model that saves as one,
+        so rank 0 builds the recipe's model again and loads the best weights into it."""
+        if not self.sharded:
+            return self.unwrapped()
+        built = build_model(self.recipe, self.task, self.tokenizer)
+        load_trainable_state(built.model, read_best(self.ckpt_dir / BEST_DIR), "best model")
+        return built.model
+
     def _fingerprints(self) -> list[list[float]]:
-        """Two sums of the trainable weights per process: every process must end with the same model."""
-        mine = torch.tensor([weight_fingerprint(self.trainable_state())], dtype=torch.float64, device=self.accelerator.device)
+        """Two sums of the trainable weights per process: every process must end with the same model.
+        FSDP: one entry, the sums of the gathered weights (each process holds other shards)."""
+        state = self.trainable_state()
+        if self.sharded:
+            return [weight_fingerprint(state)] if self.main else []
+        mine = torch.tensor([weight_fingerprint(state)], dtype=torch.float64, device=self.accelerator.device)
         fingerprints = self.accelerator.gather(mine).cpu().tolist()
         if any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for fp in fingerprints for a, b in zip(fp, fingerprints[0])):
             raise TrainingError(f"train: the {len(fingerprints)} processes ended with different weights {fingerprints}")
@@ -491,4 +492,8 @@ class FineTuneRecipe:
         return self.accelerator.unwrap_model(self.model)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.method.trainable_parameters(self.unwrapped()).items()}
+        """The trainable weights, whole (FSDP shards gathered: every process calls this; only rank 0 keeps them)."""
+        if not self.sharded:
+            return {n: p.detach() for n, p in self.trainable.items()}
+        state = {n: whole(p, keep=self.main) for n, p in self.trainable.items()}
+        return {n: t for n, t in state.items() if t is not None}

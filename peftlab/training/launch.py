@@ -1,4 +1,5 @@
-"""Before training starts: the accelerator, the process group, threads, the run folder's state."""
+"""Before training starts: the accelerator (FSDP included), the process group, threads, the loaders,
+the run folder's state."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..atomicio import remove_stale_temporaries, write_json, write_text
 from ..checkpoint import latest_checkpoint
@@ -14,7 +16,8 @@ from ..errors import PeftlabError, TrainingError
 from ..outputs import RUN_HEADER, FolderLock, check_output, clear, made_by_peftlab, mark
 from ..recipe import Recipe
 from ..runs import CHECKPOINTS_DIR, RunLog, write_error_reason, write_failure
-from ..system import cpu_cores
+from ..system import cpu_cores, set_mmap_threshold
+from ..tasks import LengthGroupedEpochSampler
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
@@ -26,13 +29,66 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
         recipe.train.trackers == "auto" and _has_tensorboard()
     ):
         trackers = "tensorboard"
-    return Accelerator(  # gradient accumulation is the recipe class's (token-weighted over the window)
+    fsdp = _fsdp_plugin()
+    accelerator = Accelerator(  # gradient accumulation is the recipe class's (token-weighted over the window)
         mixed_precision=recipe.train.mixed_precision,
         log_with=trackers,
         project_dir=str(run_dir / "logs"),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
+        fsdp_plugin=fsdp,
     )
+    if fsdp is not None:
+        _fsdp_on_cpu(accelerator, fsdp)
+    return accelerator
+
+
+def _fsdp_plugin() -> Any:
+    """The FSDP settings of an ``accelerate launch`` with an FSDP config (accelerate passes them in the environment)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
+
+
+def _fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
+    """accelerate turns an FSDP launch on CPU processes into plain DDP (its FSDP branch lists GPU
+    kinds only). FSDP2 itself runs on gloo, so peftlab sets the distributed type and the 1-D device
+    mesh that accelerate builds on GPUs; accelerate's own FSDP2 code then shards the model."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return  # GPUs: accelerate's own path; one process: nothing to shard
+    if plugin.fsdp_version != 2:
+        raise PeftlabError("launch: FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+                           "(FSDP1 runs on GPUs only)")
+    state = accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.parallelism_config = ParallelismConfig(dp_shard_size=accelerator.num_processes)
+    state.device_mesh = state.parallelism_config.get_device_mesh("cpu")
+
+
+def fsdp_wrap_layers(accelerator: Any, model: Any) -> None:
+    """Shard by transformer layer: with TRANSFORMER_BASED_WRAP and no class named, accelerate takes
+    the model's ``_no_split_modules``, which for BERT-like models includes the embeddings block, and
+    then shards the word embeddings a second time (a crash). Take the layers only."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if not getattr(accelerator, "is_fsdp2", False) or plugin is None or plugin.transformer_cls_names_to_wrap:
+        return
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    owners = {type(m).__name__ for m in model.modules()
+              if embeddings is not None and any(sub is embeddings for sub in m.modules())}
+    plugin.transformer_cls_names_to_wrap = [n for n in getattr(model, "_no_split_modules", None) or []
+                                            if n not in owners]
 
 
 def _has_tensorboard() -> bool:
@@ -192,3 +248,26 @@ def weight_fingerprint(params: dict[str, torch.Tensor], chunk: int = 1 << 20) ->
             total += float(part.sum(dtype=torch.float64))
             weighted += (i + 1) * float(part.abs().sum(dtype=torch.float64))
     return [total, weighted]
+
+
+def memory_settings(accelerator: Any, mb: Optional[float]) -> Optional[str]:
+    """train.cpu_mmap_threshold_mb on CPU; the line to log about it, if any."""
+    if not mb or accelerator.device.type != "cpu":
+        return None
+    if set_mmap_threshold(mb):
+        return f"memory: glibc mmap threshold fixed at {mb:g} MiB"
+    return "memory: train.cpu_mmap_threshold_mb ignored (no glibc mallopt here)"
+
+
+def make_loaders(encoded: dict, collate: Any, cfg: Any, processes: int) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """The training loader (length-grouped or shuffled, seeded) and one loader per evaluation split."""
+    train = encoded["train"]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.group_by_length:
+        sampler = LengthGroupedEpochSampler(train.lengths(), cfg.batch_size * processes, cfg.seed)
+        train_dl = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, generator=generator)
+    else:
+        train_dl = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    eval_dls = {split: DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+                for split, data in encoded.items() if split != "train"}
+    return train_dl, eval_dls
