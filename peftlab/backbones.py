@@ -228,7 +228,7 @@ def quantization_config(
         bnb_4bit_quant_type=cfg.quantization,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg, device),
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=getattr(torch, cfg.quant_storage),
         llm_int8_skip_modules=list(skip_modules),
     )
 

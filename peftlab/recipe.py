@@ -59,6 +59,12 @@ class BackboneConfig(StrictModel):
         description="nf4/fp4 compute dtype; auto = bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on CPUs.",
     )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="nf4/fp4: the dtype the packed 4-bit weights are stored in. FSDP shards float tensors "
+        "only: with FSDP + QLoRA set it to the dtype of the other weights (bfloat16 with backbone.dtype "
+        "bfloat16), so the quantized layers are sharded too (GPU only; unverified in peftlab's tests).",
+    )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
     allow_pickle: bool = Field(
         False, description="Allow loading pickle (.bin/.pt) weights; safetensors only by default."

@@ -49,9 +49,24 @@ def test_every_shipped_launch_config_parses_and_names_its_command():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-    assert {c.stem for c in configs} >= {"ddp_cpu", "ddp_gpus", "ddp_two_nodes"}
+    assert {c.stem for c in configs} >= {"ddp_cpu", "ddp_gpus", "ddp_two_nodes", "fsdp2_cpu", "fsdp2_gpus",
+                                         "fsdp2_qlora_gpus", "deepspeed_zero2", "deepspeed_zero3_offload"}
     for path in configs:
         cfg = load_config_from_file(str(path))  # accelerate's own reader (unknown keys are errors)
         assert cfg.num_processes >= 2, path
         header = path.read_text().splitlines()[:4]
         assert any(f"accelerate launch --config_file configs/accelerate/{path.name}" in ln for ln in header), path
+
+
+def test_a_deepspeed_launch_is_stopped_in_one_line(tiny_bert, wnut_small, tmp_path):
+    """What accelerate sets for configs/accelerate/deepspeed_*.yaml (on CPU accelerate would quietly
+    run plain DDP instead): one line naming the FSDP2 config, nothing written."""
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(ner_recipe(tiny_bert, wnut_small, out, {"name": "lora", "r": 4})))
+    res = run_cli("train", str(recipe), env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("peftlab: error: launch: DeepSpeed is not supported")
+    assert "fsdp2_gpus.yaml" in res.stderr and not out.exists()

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, gen_recipe, ner_recipe, run_cli
+from conftest import ROOT, free_port, gen_recipe, ner_recipe, read_sentences, run_cli
 from test_ddp import launch
 from test_resume import SHIM, assert_same_run, wait_until
 
@@ -83,7 +83,7 @@ def assert_same_training(sharded, single, tol):
             assert abs(ma[split][key] - mb[split][key]) <= tol, (split, key, ma[split][key], mb[split][key])
 
 
-@pytest.mark.parametrize("method", [LORA, {"name": "full"}], ids=["lora", "full"])
+@pytest.mark.parametrize("method", [LORA, {"name": "full"}, {"name": "adapter", "reduction_factor": 4}], ids=["lora", "full", "adapter"])
 def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path, tiny_bert_no_dropout, wnut_small, method):
     sharded_recipe, sharded = write(tmp_path, "fsdp", tiny_bert_no_dropout, wnut_small, method)
     fsdp(sharded_recipe)
@@ -98,6 +98,13 @@ def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path, tiny_bert_n
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_training(sharded, single, tol=2e-5)
 
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(read_sentences(wnut_small["validation"], 12)) + "\n")
+    predictions = [run_cli("predict", str(run), "--input", str(texts), timeout=300) for run in (sharded, single)]
+    assert all(r.returncode == 0 for r in predictions), predictions[0].stderr[-3000:]
+    assert predictions[0].stdout == predictions[1].stdout and predictions[0].stdout.count("\n") == 12
+    if method["name"] == "adapter":  # bottleneck adapters are exported, not merged
+        return
     merged = tmp_path / "merged"
     res = run_cli("merge", str(sharded), "--out", str(merged), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -65,6 +65,23 @@ def test_linear_weights_quantized_head_full_precision(tiny_bert, quantization):
     assert q.shape == f.shape == (1, 4, 5) and torch.isfinite(q).all()
 
 
+def test_quant_storage_stores_the_packed_4bit_weights_in_a_float_dtype(tiny_bert):
+    """backbone.quant_storage (for FSDP, which shards float tensors only): the same 4-bit layers and
+    the same outputs, the packed bytes held as float32 instead of uint8."""
+    batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102]])}
+    models = {}
+    for storage in ("uint8", "float32"):
+        torch.manual_seed(0)  # the same fresh task head
+        models[storage] = load_model(BackboneConfig(name=str(tiny_bert), quantization="nf4", quant_storage=storage),
+                                     TOKEN, KW)
+    stored = {s: {p.dtype for n, p in m.named_parameters() if "attention.self.query.weight" in n}
+              for s, m in models.items()}
+    assert stored == {"uint8": {torch.uint8}, "float32": {torch.float32}}
+    with torch.no_grad():
+        a, b = (m(**batch).logits for m in models.values())
+    torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "fp4"])
 def test_4bit_eval_keeps_the_training_layout(tiny_bert, quantization):
     """An eval forward without gradients computes what the gradient path computes and leaves the 4-bit

@@ -29,6 +29,10 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
         recipe.train.trackers == "auto" and _has_tensorboard()
     ):
         trackers = "tensorboard"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise PeftlabError(
+            "launch: DeepSpeed is not supported by peftlab's training loop (ZeRO checkpoints are pickled files, "
+            "which peftlab never loads); shard with FSDP2 instead: configs/accelerate/fsdp2_gpus.yaml")
     fsdp = _fsdp_plugin()
     accelerator = Accelerator(  # gradient accumulation is the recipe class's (token-weighted over the window)
         mixed_precision=recipe.train.mixed_precision,
