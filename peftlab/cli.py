@@ -120,6 +120,7 @@ EXTRA_COMMANDS = {
     "export": ("deploy.cli", "package a run (any method) for `peftlab predict`: adapter weights + config + base reference"),
     "bench": ("bench.cli", "run a benchmark spec: one process per cell, results as JSONL + report"),
     "report": ("bench.cli", "Markdown/CSV/PNG report of a bench's results JSONL"),
+    "sweep": ("bench.cli", "a bench spec's sampled configurations as Ray Tune trials, ASHA early stopping ('.[ray]')"),
     "plan": ("planner.cli", "predict a recipe's peak memory and speed; --fit picks the batch that fits a budget"),
     "serve": ("serve", "HTTP server over several adapters on one base (pip install 'peftlab[serve]')"),
 }

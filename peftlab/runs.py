@@ -17,6 +17,7 @@ Run folder layout (written by :mod:`peftlab.training`)::
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .recipe import Recipe, load_recipe
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
+EVALUATIONS_FILE = "evaluations.jsonl"  # one line per evaluation, appended as it happens
 
 
 @dataclass
@@ -196,6 +198,13 @@ class RunLog:
         logger = logging.getLogger("peftlab")
         logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
         logger.addHandler(self.handler)
+
+    def evaluation(self, entry: dict) -> None:
+        """Append one evaluation's metrics to ``evaluations.jsonl`` beside train.log, as it happens
+        (what a sweep's early stopping reads while the run goes on)."""
+        if self.handler is not None:
+            with open(Path(self.handler.baseFilename).with_name(EVALUATIONS_FILE), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
 
     def record_failure(self, message: str) -> None:
         """Note in train.log why training stopped (stderr shows it once, as the CLI's error line)."""

@@ -63,6 +63,19 @@ def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tiny_bert, tmp_path_factory):
+    """The tiny BERT with dropout off, so micro-batches (or processes) see the same network as one batch."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
+    shutil.copytree(tiny_bert, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
 def wnut_small(tmp_path_factory) -> dict:
     """The first 96 sentences of WNUT-17 train; 48 dev / test sentences whose tags occur in them."""
     from peftlab.data import read_conll

@@ -26,18 +26,6 @@ TRAIN = dict(lr=1e-2, batch_size=4, group_by_length=False, num_threads=1, max_st
              checkpoint_every=2, keep_checkpoints=10, metric="loss")
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tiny_bert, tmp_path_factory):
-    import shutil
-
-    out = tmp_path_factory.mktemp("tiny-bert-fsdp") / "model"
-    shutil.copytree(tiny_bert, out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def write(tmp_path, name, backbone, files, method, **train):
     recipe = ner_recipe(backbone, files, tmp_path / name, method, **{**TRAIN, **train})
     path = tmp_path / f"{name}.yaml"

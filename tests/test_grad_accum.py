@@ -4,11 +4,8 @@ the same 8 as 4 accumulated micro-batches of 2, and as 2 processes x 2 accumulat
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -17,17 +14,6 @@ from conftest import ROOT, ner_recipe, run_cli
 from test_ddp import launch
 
 SHIM = ROOT / "tests" / "fault_shim"
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tiny_bert, tmp_path_factory):
-    """The tiny BERT with dropout off, so micro-batches see the same network as one batch."""
-    out = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
-    shutil.copytree(tiny_bert, out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 def grads_of(tmp_path, backbone, files, name, batch_size, grad_accum, processes=1):

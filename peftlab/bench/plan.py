@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,17 +98,32 @@ def _expand_entry(spec: Spec, entry: ConfigEntry) -> list[tuple[str, list[str], 
         axes.append(("backbone.quantization", q))
     axes += [(k, list(v)) for k, v in entry.grid.items()]
     out = []
-    for values in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
-        label = entry.name
-        overrides, chosen = [], {}
-        for (key, vals), v in zip(axes, values):
-            overrides.append(f"{key}={_yaml_value(v)}")
-            chosen[key] = v
-            if len(vals) > 1:
-                short = Path(str(v)).name if key == "backbone.name" else str(v)
-                label += f"-{key.rsplit('.', 1)[-1]}={short}" if key not in ("backbone.quantization",) else f"-{v}"
-        out.append((label, overrides, chosen))
+    for draw, drawn in _draws(spec, entry):
+        for values in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
+            label = entry.name + (f"-{draw:03d}" if draw is not None else "")
+            overrides = [f"{k}={_yaml_value(v)}" for k, v in drawn.items()]
+            out.append(_grid_point(label, axes, values, overrides, dict(drawn)))
     return out
+
+
+def _draws(spec: Spec, entry: ConfigEntry) -> list[tuple[Optional[int], dict]]:
+    """(index, values) of each draw from the entry's ``sample`` (one empty draw without one). Seeded by
+    the spec's sample_seed and the entry's name: the same spec always draws the same configurations."""
+    if not entry.sample:
+        return [(None, {})]
+    rng = random.Random(f"{spec.sample_seed}:{entry.name}")
+    return [(i, {k: d.draw(rng) for k, d in entry.sample.items()}) for i in range(entry.samples or 0)]
+
+
+def _grid_point(label: str, axes: list, values: tuple, overrides: list[str], chosen: dict) -> tuple[str, list[str], dict]:
+    """One combination of the grid axes added to a draw: its label, overrides and axis values."""
+    for (key, vals), v in zip(axes, values):
+        overrides.append(f"{key}={_yaml_value(v)}")
+        chosen[key] = v
+        if len(vals) > 1:
+            short = Path(str(v)).name if key == "backbone.name" else str(v)
+            label += f"-{key.rsplit('.', 1)[-1]}={short}" if key not in ("backbone.quantization",) else f"-{v}"
+    return label, overrides, chosen
 
 
 def _cell_id(label: str, seed: int) -> str:

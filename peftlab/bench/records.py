@@ -164,6 +164,7 @@ def _add_run_fields(rec: dict, run_dir: Path, parent_peak: Optional[int]) -> Non
         rec["hyperparameters"] = {k: t.get(k) for k in ("lr", "head_lr", "epochs", "max_steps", "batch_size",
                                                          "grad_accum", "warmup_ratio", "scheduler", "weight_decay")}
     rec["metric"] = metrics.get("metric")
+    rec["metric_mode"] = metrics.get("metric_mode", "max")  # "min" for loss-like metrics
     rec["dev"] = scalar_items(metrics.get("dev"), drop=("epoch", "step"))
     rec["test"] = scalar_items(metrics.get("test"), drop=("examples",))
     rec["best_epoch"] = metrics.get("best_epoch")

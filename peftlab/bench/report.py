@@ -26,6 +26,8 @@ from ..atomicio import write_bytes, write_text
 from ..errors import PeftlabError
 from .plots import plot_points
 from .records import load_records
+from .search import search_lines
+from .search import search_plots as make_search_plots
 from .summary import RATIO_KEYS, Row, Summary, record_value, comparisons, format_stat, machine_summary, reference_ratios, summarize
 
 # ----------------------------------------------------------------------------------- statistics
@@ -96,9 +98,11 @@ def _ratio_lines(s: Summary) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str]) -> str:
+def render_markdown(summary: Summary, records_path: Path, plots: dict[str, str],
+                    search_plots: Optional[dict[str, str]] = None) -> str:
     s = summary
     lines = _header_lines(s, records_path) + _table_lines(s) + _ratio_lines(s) + _comparison_lines(s)
+    lines += search_lines(s, search_plots or {})
     lines += _tail_lines(s, records_path, plots)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -164,7 +168,7 @@ def bottom_line(s: Summary) -> list[str]:
             f" ({st.n} seed{'s' if st.n != 1 else ''})"
 
     parts = []
-    top = best(f"test_{s.metric}", max) if s.metric else None
+    top = best(f"test_{s.metric}", min if s.metric_mode == "min" else max) if s.metric else None
     if top:
         parts.append(f"best test {s.metric}: `{top[0]}`, {pm(top[1], '{:.4f}')}.")
     light, fast = best("peak_rss_mib", min), best("samples_per_s", max)
@@ -269,9 +273,14 @@ def _tail_lines(s: Summary, records_path: Path, plots: dict[str, str]) -> list[s
         lines += ["Cells resumed from a checkpoint or recorded from a finished run folder after the bench was "
                   "interrupted (their peak RSS covers only the resumed process; the outside `wait4` measure is "
                   "missing for recorded ones): " + ", ".join(f"`{r['cell']}`" for r in resumed) + ".", ""]
-    if s.failed:
+    if s.stopped:
+        lines += ["## Stopped early", "", "Sweep trials that early stopping ended (their best dev metric is in "
+                  "the search table):", "", "| cell | why |", "|---|---|"]
+        lines += [f"| {_md_escape(r['cell'])} | {_md_escape(r.get('error') or '?')} |" for r in s.stopped] + [""]
+    failed = [r for r in s.failed if r.get("status") != "stopped"]
+    if failed:
         lines += ["## Failed cells", "", "| cell | error |", "|---|---|"]
-        for r in s.failed:
+        for r in failed:
             lines.append(f"| {_md_escape(r['cell'])} | {_md_escape(r.get('error') or '?')} |")
         lines.append("")
     if s.missing:
@@ -350,9 +359,13 @@ def write_report(results: Union[str, os.PathLike], out_dir: Optional[Union[str, 
             if png is not None:
                 paths[name] = write_bytes(out / name, png)
                 plots[caption] = name
+    searched = {}
+    for name, png in make_search_plots(summary).items():
+        paths[name] = write_bytes(out / name, png)
+        searched[f"dev {m} vs {name[len('search_'):-len('.png')]}"] = name
     paths["csv"] = write_text(out / "report.csv", render_csv(summary))
     comp = render_comparison_csv(summary)
     if comp is not None:
         paths["comparison_csv"] = write_text(out / "baseline_comparison.csv", comp)
-    paths["markdown"] = write_text(out / "report.md", render_markdown(summary, results, plots))
+    paths["markdown"] = write_text(out / "report.md", render_markdown(summary, results, plots, searched))
     return {k: str(v) for k, v in paths.items()}

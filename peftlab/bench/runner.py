@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TextIO, Union
+from typing import Callable, Iterator, Optional, TextIO, Union
 
 from ..atomicio import write_json, write_text
 from ..checkpoint import latest_checkpoint
@@ -35,6 +35,8 @@ CHILD_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 HEARTBEAT_S = 300.0
+# (plan, cells to run, cells to run from scratch, records so far, provenance, resume, say) -> (cell, record) as each ends
+Executor = Callable[..., Iterator[tuple["Cell", dict]]]
 PLAN_TIMEOUT_S = 900
 
 
@@ -123,7 +125,7 @@ def _select(plan: BenchPlan, records: dict, summary: BenchSummary, only: Optiona
             again.append(cell.id)
             todo.append(cell)
             continue
-        if rec is not None and rec.get("status") == "ok":
+        if rec is not None and rec.get("status") in FINISHED:
             if rec.get("recipe_hash") == cell.recipe_hash or keep_changed:
                 summary.skipped.append(cell.id)
                 continue
@@ -136,12 +138,26 @@ def _select(plan: BenchPlan, records: dict, summary: BenchSummary, only: Optiona
     return todo, changed, again
 
 
+FINISHED = ("ok", "stopped")  # statuses a re-run keeps ("stopped": ended early by a sweep's early stopping)
+
+
 def _run_cells(plan: BenchPlan, todo: list[Cell], again: list[str], records: dict, summary: BenchSummary,
-               resume: bool, say) -> None:
-    """Run the selected cells one after the other, recording each as soon as it ends."""
-    jsonl = plan.results_dir / RESULTS_FILE
+               resume: bool, say, executor: Optional[Executor] = None) -> None:
+    """Run the selected cells with ``executor`` (default: one after the other, here), recording each as
+    soon as it ends."""
     ctx = {"versions": versions(), "git": git_info(), "machine": machine_info()}
     t_start = time.time()
+    for cell, rec in (executor or run_locally)(plan, todo, again, records, ctx, resume, say):
+        _keep(plan, cell, rec, records, summary, say)
+    if todo:
+        say(f"ran {len(summary.ran)} cell(s) in {_fmt_duration(time.time() - t_start)}"
+            f"{f', {len(summary.failed)} failed' if summary.failed else ''}"
+            f"{f'; recorded {len(summary.harvested)} finished run(s) without training' if summary.harvested else ''}")
+
+
+def run_locally(plan: BenchPlan, todo: list[Cell], again: list[str], records: dict, ctx: dict, resume: bool,
+                say) -> Iterator[tuple[Cell, dict]]:
+    """The default executor: each cell in its own process on this machine, one after the other."""
     for i, cell in enumerate(todo):
         left = todo[i:]
         eta = [_estimate(c, records) for c in left]
@@ -153,29 +169,27 @@ def _run_cells(plan: BenchPlan, todo: list[Cell], again: list[str], records: dic
         done, failed = finished.count("ok"), finished.count("failed")
         say(f"[{done}/{len(plan.cells)} done{f', {failed} failed' if failed else ''}; this run: "
             f"{i}/{len(todo)} done, {len(left)} left, ETA {eta_txt}] cell {cell.id}")
-        rec = _run_or_harvest(plan, cell, ctx, resume, say, fresh=cell.id in again)
-        if rec.get("harvested"):
-            summary.harvested.append(cell.id)
-        else:
-            summary.ran.append(cell.id)
-        if rec["status"] != "ok":
-            summary.failed.append(cell.id)
-        records[cell.id] = rec
-        on_disk = [r for r in read_records(jsonl) if r["cell"] != cell.id]
-        write_records(jsonl, on_disk + [rec])
-        if rec["status"] == "ok":
-            main = rec.get("metric")
-            val = (rec.get("test") or {}).get(main) if main else None
-            mem = (rec.get("memory") or {}).get("peak_rss_bytes")
-            say(f"  ok in {_fmt_duration(rec.get('cell_wall_s'))}: test {main} "
-                f"{val if val is None else round(val, 4)}, peak RSS "
-                f"{'?' if mem is None else round(mem / 2**20)} MiB")
-        else:
-            say(f"  FAILED: {rec.get('error')}")
-    if todo:
-        say(f"ran {len(summary.ran)} cell(s) in {_fmt_duration(time.time() - t_start)}"
-            f"{f', {len(summary.failed)} failed' if summary.failed else ''}"
-            f"{f'; recorded {len(summary.harvested)} finished run(s) without training' if summary.harvested else ''}")
+        yield cell, run_cell(plan, cell, ctx, resume, say, fresh=cell.id in again)
+
+
+def _keep(plan: BenchPlan, cell: Cell, rec: dict, records: dict, summary: BenchSummary, say) -> None:
+    """Add a finished cell's record to the summary and to results.jsonl (rewritten whole, atomically)."""
+    jsonl = plan.results_dir / RESULTS_FILE
+    (summary.harvested if rec.get("harvested") else summary.ran).append(cell.id)
+    if rec["status"] not in FINISHED:
+        summary.failed.append(cell.id)
+    records[cell.id] = rec
+    on_disk = [r for r in read_records(jsonl) if r["cell"] != cell.id]
+    write_records(jsonl, on_disk + [rec])
+    if rec["status"] == "ok":
+        main = rec.get("metric")
+        val = (rec.get("test") or {}).get(main) if main else None
+        mem = (rec.get("memory") or {}).get("peak_rss_bytes")
+        say(f"  {cell.id} ok in {_fmt_duration(rec.get('cell_wall_s'))}: test {main} "
+            f"{val if val is None else round(val, 4)}, peak RSS "
+            f"{'?' if mem is None else round(mem / 2**20)} MiB")
+    else:
+        say(f"  {cell.id} {'stopped early' if rec['status'] == 'stopped' else 'FAILED'}: {rec.get('error')}")
 
 
 def run_bench(
@@ -193,6 +207,7 @@ def run_bench(
     report: bool = True,
     allow_dirty: bool = False,
     profile: Optional[str] = None,
+    executor: Optional[Executor] = None,
     out: TextIO = sys.stderr,
 ) -> BenchSummary:
     """Run every cell of the spec that has no finished record, then write the report.
@@ -200,7 +215,8 @@ def run_bench(
     ``only``: run only the cells (or configurations) matching these globs. ``rerun``: also run these
     finished cells again from scratch (after a code change), replacing their records. Cells recorded
     into the repository's own results folder (the default) need a clean tree: a committed report must
-    name the commit that reproduces it (``allow_dirty`` records them anyway, marked as such)."""
+    name the commit that reproduces it (``allow_dirty`` records them anyway, marked as such).
+    ``executor``: how the cells run (default :func:`run_locally`; see :mod:`peftlab.bench.on_ray`)."""
     plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir, profile_name=profile)
     summary = BenchSummary(plan)
     jsonl = plan.results_dir / RESULTS_FILE
@@ -237,7 +253,7 @@ def run_bench(
             **({"reference": plan.spec.reference} if plan.spec.reference else {}),
             "cells": [c.plan_entry() for c in plan.cells],
         })
-        _run_cells(plan, todo, again, records, summary, resume, say)
+        _run_cells(plan, todo, again, records, summary, resume, say, executor)
     if report and jsonl.is_file():
         summary.report = write_report(jsonl, plan.results_dir)
         say(f"report: {summary.report['markdown']}")
@@ -253,7 +269,7 @@ def _require_clean_tree(plan: BenchPlan) -> None:
             f"(cells marked 'uncommitted changes') or --results DIR")
 
 
-def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: bool = False) -> dict:
+def run_cell(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: bool = False) -> dict:
     """Run the cell in its own process and build its record. ``fresh`` (--rerun): train from scratch,
     never record or resume the run folder left by an earlier run."""
     cell_dir = plan.work_dir / "cells" / cell.id
@@ -286,7 +302,7 @@ def _run_or_harvest(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, f
         cmd = [sys.executable, cell.script, cell.recipe, *cell.overrides, f"output.dir={run_dir}"]
     else:
         cmd = [sys.executable, "-m", "peftlab.cli", "train", cell.recipe, *cell.overrides, f"output.dir={run_dir}"]
-        if not (cell_dir / CELL_PLAN_FILE).is_file():
+        if plan.spec.predict_memory and not (cell_dir / CELL_PLAN_FILE).is_file():
             _plan_cell(cell, cell_dir, say)
     if resumed:
         cmd.append("--resume")

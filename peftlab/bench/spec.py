@@ -5,12 +5,14 @@ The format is documented in ``benchmarks/README.md`` and by :class:`Spec` below.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import PeftlabError
 from ..validation import format_validation_error, read_yaml_file
@@ -18,6 +20,51 @@ from ..validation import format_validation_error, read_yaml_file
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Where a sampled key's values come from: exactly one of these."""
+
+    choice: Optional[list[Any]] = Field(None, min_length=1, description="One of these values.")
+    uniform: Optional[tuple[float, float]] = Field(None, description="A float in [low, high].")
+    loguniform: Optional[tuple[float, float]] = Field(None, description="A float in [low, high], uniform in log scale.")
+    randint: Optional[tuple[int, int]] = Field(None, description="An integer in [low, high], both included.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Distribution":
+        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, randint")
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError("[low, high] needs low < high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    @property
+    def log_scale(self) -> bool:
+        return self.loguniform is not None
+
+    def draw(self, rng: random.Random) -> Any:
+        """One value (floats to 4 significant digits, so that labels and overrides stay readable)."""
+        if self.choice is not None:
+            return self.choice[rng.randrange(len(self.choice))]
+        if self.randint is not None:
+            return rng.randint(*self.randint)
+        if self.loguniform is not None:
+            low, high = self.loguniform
+            return float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.4g}")
+        return float(f"{rng.uniform(*self.uniform):.4g}")
+
+
+class EarlyStopping(_Strict):
+    """Asynchronous successive halving (Ray Tune's ASHA) on each trial's dev metric, as its
+    evaluations come in: ``peftlab sweep`` only (``peftlab bench`` runs every cell to its end)."""
+
+    grace_evaluations: int = Field(1, ge=1, description="Every trial runs at least this many evaluations.")
+    reduction_factor: int = Field(3, ge=2, description="At each rung (grace x reduction_factor^k evaluations) "
+                                  "only the best 1/reduction_factor of the trials that reached it go on.")
 
 
 class ConfigEntry(_Strict):
@@ -36,6 +83,11 @@ class ConfigEntry(_Strict):
     grid: dict[str, list[Any]] = Field(
         default_factory=dict, description="key -> list of values; one configuration per combination."
     )
+    sample: dict[str, Distribution] = Field(
+        default_factory=dict, description="key -> distribution; `samples` configurations drawn from them "
+        "(seeded by the spec's sample_seed), each crossed with the grid.",
+    )
+    samples: Optional[int] = Field(None, ge=1, description="How many configurations to draw from `sample`.")
     seeds: Optional[list[int]] = Field(None, description="Seeds of this configuration (default: the spec's).")
     script: Optional[str] = Field(
         None, description="Run this Python script instead of `peftlab train` (same arguments): a baseline."
@@ -77,6 +129,10 @@ class Spec(_Strict):
     results: Optional[str] = Field(None, description="Results folder (default: <spec folder>/results/<name>).")
     work: Optional[str] = Field(None, description="Cell work folder (default: <spec folder>/work/<name>).")
     methods: list[ConfigEntry] = Field(min_length=1, description="The configurations.")
+    predict_memory: bool = Field(True, description="Run `peftlab plan` before each peftlab cell (its prediction "
+                                 "goes into the record and the report's predicted-peak column).")
+    sample_seed: int = Field(0, description="Seed of the draws of every configuration's `sample`.")
+    early_stopping: Optional[EarlyStopping] = Field(None, description="ASHA early stopping (peftlab sweep).")
     reference: Optional[str] = Field(
         None, description="A configuration the report divides every other's throughput and memory by (same run)."
     )
@@ -102,6 +158,8 @@ def load_spec(path: Union[str, os.PathLike]) -> Spec:
     for m in spec.methods:
         if m.recipe is None and spec.recipe is None:
             raise PeftlabError(f"{path}: methods: '{m.name}' names no recipe and the spec has no base recipe")
+        if bool(m.sample) != (m.samples is not None):
+            raise PeftlabError(f"{path}: methods: '{m.name}': `sample` and `samples` go together")
         if m.compare_to is not None and m.compare_to not in names:
             raise PeftlabError(f"{path}: methods: '{m.name}': compare_to '{m.compare_to}' is not a configuration")
     return spec

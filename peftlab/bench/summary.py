@@ -139,6 +139,17 @@ class Summary:
     planned: Optional[int]
     reference: Optional[str] = None
 
+    @property
+    def metric_mode(self) -> str:
+        """"min" when the main metric is loss-like (the runs say so in metrics.json), else "max"."""
+        modes = [r.get("metric_mode") for r in self.ok if r.get("metric") == self.metric]
+        return "min" if modes and all(m == "min" for m in modes) else "max"
+
+    @property
+    def stopped(self) -> list[dict]:
+        """Sweep trials ended early by early stopping (not failures)."""
+        return [r for r in self.failed if r.get("status") == "stopped"]
+
 
 def summarize(records: list[dict], plan: Optional[dict] = None) -> Summary:
     ignored, changed, missing = [], [], []

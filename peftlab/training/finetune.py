@@ -39,8 +39,9 @@ from ..util import scalar_items
 from .auto import planned_config, write_plan
 from .launch import (check_process_group, check_same_recipe, claim_run_dir, fsdp_wrap_layers, make_accelerator,
                      make_loaders, memory_settings, on_main_then_all, prepare_run_dir, run_sources, set_threads,
-                     tracker_config, weight_fingerprint)
+                     tracker_config)
 from .optim import make_optimizer, make_scheduler
+from .results import rank_fingerprints, run_resources
 from .progress import LossMeter, ProgressBar
 from .state import TrainState
 
@@ -339,6 +340,7 @@ class FineTuneRecipe:
         value = metrics[self.metric]
         improved = s.improved(value, self.mode)
         s.history.append({"epoch": s.epoch + 1, "step": s.step, **scalar_items(metrics)})
+        self.run_log.evaluation({**s.history[-1], "selection": {"metric": self.metric, "mode": self.mode, "value": value}})
         if improved:
             self._check_finite("best model")
             s.best, s.best_step, s.best_epoch, s.bad_evals = value, s.step, s.epoch + 1, 0
@@ -410,14 +412,15 @@ class FineTuneRecipe:
         self.optimizer.state.clear()  # training is over (its checkpoints are written): free AdamW's two copies
         load_trainable_state(self.unwrapped(), read_best(self.ckpt_dir / BEST_DIR), "best model")
         test_metrics = self._test()
-        fingerprints = self._fingerprints()
+        fingerprints = rank_fingerprints(self.accelerator, self.trainable_state(), self.sharded)
         results = {
-            "task": self.task.name, "method": self.method.name, "metric": self.metric,
+            "task": self.task.name, "method": self.method.name, "metric": self.metric, "metric_mode": self.mode,
             "best_step": s.best_step, "best_epoch": s.best_epoch, "steps": s.step,
             "dev": next(h for h in s.history if h["step"] == s.best_step), "test": test_metrics,
             "history": s.history, "train_loss": s.loss_log,
         }
-        resources = self._resources(fingerprints)  # a collective: every process takes part
+        resources = run_resources(self.accelerator, s, fingerprints, load=(self.load_rss, self.load_peak),  # a collective
+                                  wall_start=self.wall_start, threads=self.threads, resumed=self.resuming)
         if self.main:
             write_results(self.run_dir, self._export_model(), self.built, self.tokenizer, self.recipe, self.params,
                           resources, results, self.run_log)
@@ -455,37 +458,6 @@ class FineTuneRecipe:
         built = build_model(self.recipe, self.task, self.tokenizer)
         load_trainable_state(built.model, read_best(self.ckpt_dir / BEST_DIR), "best model")
         return built.model
-
-    def _fingerprints(self) -> list[list[float]]:
-        """Two sums of the trainable weights per process: every process must end with the same model.
-        FSDP: one entry, the sums of the gathered weights (each process holds other shards)."""
-        state = self.trainable_state()
-        if self.sharded:
-            return [weight_fingerprint(state)] if self.main else []
-        mine = torch.tensor([weight_fingerprint(state)], dtype=torch.float64, device=self.accelerator.device)
-        fingerprints = self.accelerator.gather(mine).cpu().tolist()
-        if any(abs(a - b) > 1e-6 * max(1.0, abs(a)) for fp in fingerprints for a, b in zip(fp, fingerprints[0])):
-            raise TrainingError(f"train: the {len(fingerprints)} processes ended with different weights {fingerprints}")
-        return fingerprints
-
-    def _resources(self, fingerprints: list) -> dict:
-        acc, s = self.accelerator, self.state
-        peaks = acc.gather(torch.tensor([peak_rss_bytes()], dtype=torch.float64, device=acc.device)).cpu().tolist()
-        per_s = (lambda n: round(n / s.train_time, 3) if s.train_time else None)
-        resources = {
-            "peak_rss_bytes": int(max(peaks)), "peak_rss_bytes_per_rank": [int(p) for p in peaks],
-            "load_rss_bytes": int(self.load_rss), "load_peak_rss_bytes": int(self.load_peak),
-            "train_time_s": round(s.train_time, 3), "eval_time_s": round(s.eval_time, 3),
-            "wall_time_s": round(time.perf_counter() - self.wall_start, 3),
-            "train_samples": s.samples, "train_tokens": s.tokens,
-            "samples_per_s": per_s(s.samples), "tokens_per_s": per_s(s.tokens),
-            "optimizer_steps": s.step, "processes": acc.num_processes, "threads_per_process": self.threads,
-            "device": str(acc.device), "rank_weight_fingerprints": fingerprints, "resumed": bool(self.resuming),
-        }
-        if torch.cuda.is_available() and acc.device.type == "cuda":
-            resources["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated(acc.device))
-            resources["cuda_max_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(acc.device))
-        return resources
 
     # ---------------------------------------------------------------------------------- helpers
     def unwrapped(self) -> Any:

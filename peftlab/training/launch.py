@@ -117,11 +117,13 @@ def check_process_group(accelerator: Any) -> None:
 
 
 def set_threads(accelerator: Any, num_threads: Optional[int]) -> int:
-    """On CPU use all cores, split between the processes on this machine (accelerate sets 1)."""
+    """On CPU use all cores, split between the processes on this machine (accelerate sets 1), or
+    ``PEFTLAB_NUM_THREADS`` when set (a bench or sweep running several cells on one machine sets it)."""
     if accelerator.device.type != "cpu":
         return torch.get_num_threads()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
-    n = num_threads or max(1, cpu_cores() // max(local, 1))
+    cores = int(os.environ.get("PEFTLAB_NUM_THREADS", "0") or 0) or cpu_cores()
+    n = num_threads or max(1, cores // max(local, 1))
     torch.set_num_threads(n)
     return n
 
