@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from conftest import free_port, ner_recipe, run_cli
+from conftest import ROOT, free_port, ner_recipe, run_cli
 from peftlab.bench.plan import plan_bench
 from peftlab.bench.records import read_records
 
@@ -113,3 +113,12 @@ def test_asha_stops_a_trailing_trial_and_records_it_as_stopped(tmp_path, tiny_be
     again = run("sweep", str(spec), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"))
     assert "0 to run now" in again.stderr
     assert json.loads((tmp_path / "r" / "plan.json").read_text())["spec"] == "sweep"
+
+
+def test_without_ray_a_sweep_says_how_to_install_it(tmp_path, tiny_bert, wnut_small):
+    spec = write_spec(tmp_path, tiny_bert, wnut_small, FOUR)
+    shim = {"PYTHONPATH": str(ROOT / "tests" / "fault_shim"), "PEFTLAB_TEST_HIDE": "ray"}
+    res = run_cli("sweep", str(spec), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"), env=shim)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "peftlab: error: --executor ray / peftlab sweep: Ray is not installed (pip install -e '.[ray]')")
