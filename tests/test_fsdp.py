@@ -33,6 +33,20 @@ def write(tmp_path, name, backbone, files, method, **train):
     return path, tmp_path / name
 
 
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, tiny_bert_no_dropout, wnut_small):
+    """``get(method)``: the 2-process FSDP2 run of the method (trained once per module)."""
+    root, done = tmp_path_factory.mktemp("fsdp-runs"), {}
+
+    def get(method):
+        if method["name"] not in done:
+            path, run = write(root, method["name"], tiny_bert_no_dropout, wnut_small, method)
+            fsdp(path)
+            done[method["name"]] = run
+        return done[method["name"]]
+    return get
+
+
 def fsdp(recipe_path, *args, env=None):
     res = launch(recipe_path, {"ACCELERATE_USE_CPU": "1", **(env or {})}, *args, config_file=FSDP_CPU)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -72,9 +86,8 @@ def assert_same_training(sharded, single, tol):
 
 
 @pytest.mark.parametrize("method", [LORA, {"name": "full"}, {"name": "adapter", "reduction_factor": 4}], ids=["lora", "full", "adapter"])
-def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path, tiny_bert_no_dropout, wnut_small, method):
-    sharded_recipe, sharded = write(tmp_path, "fsdp", tiny_bert_no_dropout, wnut_small, method)
-    fsdp(sharded_recipe)
+def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path, tiny_bert_no_dropout, wnut_small, method, fsdp_runs):
+    sharded = fsdp_runs(method)
     log = (sharded / "train.log").read_text()
     assert "2 process(es) on cpu" in log and "FSDP2" in log
     resources = json.loads((sharded / "resources.json").read_text())
@@ -102,9 +115,8 @@ def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path, tiny_bert_n
     assert verify["metrics"]["merged"]["f1"] == pytest.approx(dev, abs=1e-6)  # the merged model is the run's best
 
 
-def test_fsdp2_sigkill_then_resume_ends_like_the_uninterrupted_run(tmp_path, tiny_bert_no_dropout, wnut_small):
-    ref_recipe, ref = write(tmp_path, "ref", tiny_bert_no_dropout, wnut_small, LORA)
-    fsdp(ref_recipe)
+def test_fsdp2_sigkill_then_resume_ends_like_the_uninterrupted_run(tmp_path, tiny_bert_no_dropout, wnut_small, fsdp_runs):
+    ref = fsdp_runs(LORA)  # the same recipe, uninterrupted
 
     run_recipe, run = write(tmp_path, "run", tiny_bert_no_dropout, wnut_small, LORA)
     marker, log = tmp_path / "paused", tmp_path / "killed.log"
