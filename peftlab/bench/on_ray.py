@@ -227,6 +227,8 @@ def tune_executor(address: Optional[str] = None, cpus: Optional[int] = None, gpu
         )
         say(f"ray tune: {len(todo)} trial(s), {cpus} core(s){f' and {gpus:g} GPU(s)' if gpus else ''} each, "
             f"{'ASHA early stopping' if early else 'no early stopping'}")
+        while not _Finished.queue.empty():  # left by an earlier sweep in this process
+            _Finished.queue.get_nowait()
         fitting = threading.Thread(target=tuner.fit, daemon=True)
         fitting.start()
         left = dict(cells)
