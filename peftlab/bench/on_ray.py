@@ -244,4 +244,5 @@ def tune_executor(address: Optional[str] = None, cpus: Optional[int] = None, gpu
         fitting.join()
         for cell in left.values():
             yield cell, build_record(plan, cell, ctx, None, status="failed", error="ray tune: the trial never finished")
+    run.verb = "sweep"  # type: ignore[attr-defined]
     return run

@@ -145,6 +145,7 @@ def plan_bench(
     results_dir: Optional[Union[str, os.PathLike]] = None,
     work_dir: Optional[Union[str, os.PathLike]] = None,
     profile_name: Optional[str] = None,
+    verb: str = "bench",
 ) -> BenchPlan:
     """Resolve a spec into its cells (nothing is run or written). ``quick`` is the profile 'quick'
     (results under work/, for CI); another profile's results go to results/<name>-<profile>."""
@@ -200,7 +201,7 @@ def plan_bench(
         raise PeftlabError(f"{spec_path}: two cells would share the id '{dup[0]}'; rename a configuration")
     spec_dump = spec.model_dump(mode="json")
     spec_hash = _hash({"spec": spec_dump, "profile": profile_name or "full"})
-    command = f"peftlab bench {spec_path}" + (" --quick" if quick else f" --profile {profile_name}" if profile_name else "")
+    command = f"peftlab {verb} {spec_path}" + (" --quick" if quick else f" --profile {profile_name}" if profile_name else "")
     if results_dir:
         command += f" --results {results_dir}"
     if work_dir:

@@ -217,7 +217,8 @@ def run_bench(
     into the repository's own results folder (the default) need a clean tree: a committed report must
     name the commit that reproduces it (``allow_dirty`` records them anyway, marked as such).
     ``executor``: how the cells run (default :func:`run_locally`; see :mod:`peftlab.bench.on_ray`)."""
-    plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir, profile_name=profile)
+    verb = getattr(executor, "verb", "bench")  # `peftlab sweep` reproduces a sweep (its early stopping)
+    plan = plan_bench(spec_path, quick=quick, results_dir=results_dir, work_dir=work_dir, profile_name=profile, verb=verb)
     summary = BenchSummary(plan)
     jsonl = plan.results_dir / RESULTS_FILE
 
