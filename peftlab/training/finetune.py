@@ -455,7 +455,8 @@ class FineTuneRecipe:
         so rank 0 builds the recipe's model again and loads the best weights into it."""
         if not self.sharded:
             return self.unwrapped()
-        built = build_model(self.recipe, self.task, self.tokenizer)
+        quantized = self.recipe.backbone.quantization != "none"  # bitsandbytes quantizes on its device
+        built = build_model(self.recipe, self.task, self.tokenizer, device=self.accelerator.device if quantized else None)
         load_trainable_state(built.model, read_best(self.ckpt_dir / BEST_DIR), "best model")
         return built.model
 
