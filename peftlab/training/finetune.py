@@ -113,9 +113,7 @@ class FineTuneRecipe:
             self.encoded["test"] = task.encode(self.splits.test, self.tokenizer, "test")
 
     def _setup_model(self) -> None:
-        quantized = self.recipe.backbone.quantization != "none"
-        device = self.accelerator.device if quantized else None  # bitsandbytes quantizes on its device
-        self.built = build_model(self.recipe, self.task, self.tokenizer, device=device)
+        self.built = self._build_model()
         self.model, self.method, self.ctx = self.built.model, self.built.method, self.built.ctx
         if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -455,12 +453,17 @@ class FineTuneRecipe:
         so rank 0 builds the recipe's model again and loads the best weights into it."""
         if not self.sharded:
             return self.unwrapped()
-        quantized = self.recipe.backbone.quantization != "none"  # bitsandbytes quantizes on its device
-        built = build_model(self.recipe, self.task, self.tokenizer, device=self.accelerator.device if quantized else None)
+        built = self._build_model()
         load_trainable_state(built.model, read_best(self.ckpt_dir / BEST_DIR), "best model")
         return built.model
 
     # ---------------------------------------------------------------------------------- helpers
+    def _build_model(self) -> Any:
+        """The recipe's backbone + head + method; a quantized one on the run's device (bitsandbytes
+        quantizes there), a float one on the CPU until accelerate places it."""
+        quantized = self.recipe.backbone.quantization != "none"
+        return build_model(self.recipe, self.task, self.tokenizer, device=self.accelerator.device if quantized else None)
+
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
