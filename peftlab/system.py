@@ -56,6 +56,31 @@ def release_free_memory() -> bool:
     return bool(malloc_trim(0)) if malloc_trim is not None else False
 
 
+class TrimBeforeLargeBatches:
+    """Hand freed heap memory back to the OS (:func:`release_free_memory`) on the way from small
+    batches to a large one.
+
+    A small batch's tensors are under glibc's mmap threshold, so its activations come from the heap,
+    which stays resident when they are freed. A large batch then maps its big tensors on top of that
+    heap, and that sum is the run's peak. Trimming once, before the first large batch after small ones,
+    keeps the peak at what the large batch needs. A run of equal batches (fixed-length windows) never
+    trims. "Large" is at least ``fraction`` of the largest batch seen (padded elements)."""
+
+    def __init__(self, enabled: bool, fraction: float = 0.8):
+        self.enabled, self.fraction = enabled, fraction
+        self.largest, self.last_large = 0, True
+
+    def before(self, size: int) -> bool:
+        """Called before each batch of ``size`` padded elements; True when it trimmed."""
+        if not self.enabled:
+            return False
+        self.largest = max(self.largest, size)
+        large = size >= self.fraction * self.largest
+        trim = large and not self.last_large
+        self.last_large = large
+        return trim and release_free_memory()
+
+
 @functools.lru_cache(maxsize=None)
 def _libc_function(name: str) -> Any:
     """``name`` from the C library, looked up once per process (``find_library`` runs a subprocess,

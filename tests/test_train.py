@@ -183,6 +183,48 @@ def test_fixed_mmap_threshold_returns_freed_memory(tmp_path):
     assert retained["fixed"] < 120, retained      # only the 12 live blocks (96 MiB)
 
 
+def test_trim_on_the_way_from_small_to_large_batches(monkeypatch):
+    """The heap is handed back once before the first large batch after small ones, never between
+    equal batches (fixed-length windows), and not on other devices."""
+    from peftlab import system
+
+    calls = []
+    monkeypatch.setattr(system, "release_free_memory", lambda: calls.append(1) or True)
+    trim = system.TrimBeforeLargeBatches(True)
+    trims = [trim.before(size) for size in (100, 20, 30, 90, 95, 20, 100, 79)]
+    assert trims == [False, False, False, True, False, False, True, False] and len(calls) == 2
+    equal = system.TrimBeforeLargeBatches(True)
+    assert not any(equal.before(384) for _ in range(5))
+    off = system.TrimBeforeLargeBatches(False)
+    assert not any(off.before(size) for size in (100, 20, 100)) and len(calls) == 2
+
+
+_HEAP = r"""
+import torch
+from peftlab.system import TrimBeforeLargeBatches, current_rss_bytes, set_mmap_threshold
+assert set_mmap_threshold(1.0)
+trim = TrimBeforeLargeBatches(True)
+trim.before(1000)
+base = current_rss_bytes()
+small = [torch.ones(2**19 // 4) for _ in range(400)]   # a small batch's 400 x 512 KiB tensors: heap, not mmap
+keep = small[::8]                                      # a few stay alive, so the heap cannot shrink from its top
+del small
+held = current_rss_bytes()
+assert trim.before(100) is False and trim.before(900) is True
+print((held - base) / 2**20, (current_rss_bytes() - base) / 2**20)
+"""
+
+
+def test_trim_returns_the_small_batches_heap():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, check=True)
+    held, after = map(float, out.stdout.split()[-2:])
+    assert held > 150, (held, after)   # 200 MiB freed, still resident
+    assert after < 60, (held, after)   # the 50 live tensors (25 MiB) and little else
+
+
 def test_cpu_mmap_threshold_option_trains(tiny_bert, wnut_small, tmp_path):
     recipe = ner_recipe(tiny_bert, wnut_small, tmp_path / "run", {"name": "lora", "r": 4}, epochs=1)
     recipe["train"]["cpu_mmap_threshold_mb"] = 1

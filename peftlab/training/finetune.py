@@ -33,7 +33,7 @@ from ..recipe import Recipe
 from ..runs import (BEST_DIR, CHECKPOINTS_DIR, RunLog, build_model, parameter_report, read_best, write_best,
                     write_error_reason, write_failure, write_results)
 from ..sharded import any_nonfinite, is_sharded, whole
-from ..system import current_rss_bytes, peak_rss_bytes, release_free_memory
+from ..system import TrimBeforeLargeBatches, current_rss_bytes, peak_rss_bytes, release_free_memory
 from ..tasks import get_task_class
 from ..util import scalar_items
 from .auto import planned_config, write_plan
@@ -86,6 +86,7 @@ class FineTuneRecipe:
         check_process_group(self.accelerator)
         self.threads = set_threads(self.accelerator, self.cfg.num_threads)
         mmap_note = memory_settings(self.accelerator, self.cfg.cpu_mmap_threshold_mb)
+        self.trim = TrimBeforeLargeBatches(self.accelerator.device.type == "cpu")
         on_main_then_all(self.accelerator, self.lock.probe)  # another run writing there: say so before loading anything
         prepare_run_dir(self.run_dir, self.resuming, self.overwrite, run_sources(self.recipe))
         if self.resuming:
@@ -269,6 +270,7 @@ class FineTuneRecipe:
         process (times the process count, which DDP's gradient mean divides by again), so a short
         batch weighs what its tokens weigh, as in one big batch of the same examples."""
         s, acc, cfg = self.state, self.accelerator, self.cfg
+        self.trim.before(max(t.numel() for t in batch.values() if isinstance(t, torch.Tensor)))
         with contextlib.nullcontext() if last else acc.no_sync(self.model):
             loss_sum = self.task.loss_sum(self.model, batch)
             loss = loss_sum * acc.num_processes / items
