@@ -6,6 +6,10 @@ optimizer step and an evaluation pass is counted while it is alive; the differen
 depths is one layer's share, so the full depth is ``one + (layers - 1) * (two - one)``. This counts
 what autograd really saves for the method (frozen paths, dropout masks, prefix keys and values,
 checkpointing), not a rule of thumb.
+
+A training step's peak moves with depth: a shallow model peaks at the end of the backward (its
+gradients), a deep one at the start (every layer's activations). So the peak up to the moment the
+backward leaves the top layer is extrapolated on its own ("early"), and the larger of the two counts.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 PHASES = ("train", "step", "eval")  # forward + backward, optimizer step, evaluation pass
+EARLY = "early"  # forward + the backward through the head and the top layer (a part of "train")
 
 
 class LiveTensors(TorchDispatchMode):
@@ -33,7 +39,8 @@ class LiveTensors(TorchDispatchMode):
         self.static = static
         self.live = 0
         self.phase = "train"
-        self.peaks: dict[str, int] = dict.fromkeys(PHASES, 0)
+        self.early = False  # also counting into the EARLY peak
+        self.peaks: dict[str, int] = dict.fromkeys((*PHASES, EARLY), 0)
         self._keys: set[int] = set()
 
     def _free(self, key: int, n: int) -> None:
@@ -42,7 +49,16 @@ class LiveTensors(TorchDispatchMode):
 
     def start(self, phase: str) -> None:
         self.phase = phase
-        self.peaks[phase] = max(self.peaks[phase], self.live)
+        self.early = phase == "train"
+        self._peak()
+
+    def end_early(self) -> None:
+        self.early = False
+
+    def _peak(self) -> None:
+        self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
+        if self.early:
+            self.peaks[EARLY] = max(self.peaks[EARLY], self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -55,7 +71,7 @@ class LiveTensors(TorchDispatchMode):
                     self._keys.add(key)
                     self.live += n
                     weakref.finalize(storage, self._free, key, n)
-        self.peaks[self.phase] = max(self.peaks[self.phase], self.live)
+        self._peak()
         return out
 
 
@@ -86,7 +102,11 @@ class Trace:
         return one + (self.layers - self.one.layers) * (two - one) / (self.two.layers - self.one.layers)
 
     def peak(self, phase: str) -> int:
-        return max(0, int(self.extrapolate(self.one.peaks[phase], self.two.peaks[phase])))
+        def at_depth(key: str) -> float:
+            return self.extrapolate(self.one.peaks.get(key, 0), self.two.peaks.get(key, 0))
+
+        value = max(at_depth("train"), at_depth(EARLY)) if phase == "train" else at_depth(phase)
+        return max(0, int(value))
 
     @property
     def step_s(self) -> float:
@@ -120,7 +140,7 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Depth
     state = list(model.parameters()) + list(model.buffers())
     batches = [b for b in (inputs.longest, *inputs.timing, inputs.eval_batch) if b is not None]
     static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
-    with LiveTensors(static) as live:
+    with LiveTensors(static) as live, on_top_layer_backward(model, layers, live.end_early):
         for _ in range(2):  # the second step runs with the optimizer state the first created
             live.start("train")
             inputs.loss(model, inputs.longest).backward()
@@ -134,6 +154,27 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Depth
             inputs.evaluate(model, inputs.eval_batch)
             model.train()
     return DepthTrace(layers, dict(live.peaks), time_steps(inputs, model, optimizer, clip, timed_steps))
+
+
+@contextmanager
+def on_top_layer_backward(model: Any, layers: int, callback: Callable[[], None]) -> Iterator[None]:
+    """Calls ``callback`` when a backward pass has gone through the model's top layer (the gradient
+    of that layer's input is computed); no call where that input needs no gradient."""
+    top = next((m[-1] for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers), None)
+    if top is None:
+        yield
+        return
+
+    def pre_hook(_module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda _grad: callback())
+
+    handle = top.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def time_steps(inputs: TraceInputs, model: Any, optimizer: Any, clip: Callable, repeats: int) -> float:
