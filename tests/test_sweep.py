@@ -109,6 +109,7 @@ def test_asha_stops_a_trailing_trial_and_records_it_as_stopped(tmp_path, tiny_be
     assert f"stopped by early stopping after {len(stopped['evaluations'])} evaluation(s)" in stopped["error"]
     assert not (tmp_path / "w" / "cells" / stopped["cell"] / "run" / "metrics.json").exists()
     assert "stopped early" in res.stderr
+    assert "Configuration for experiment" not in res.stdout + res.stderr  # Ray Tune's own tables are off
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Stopped early" in md and "Failed cells" not in md
     assert f"`peftlab sweep {spec} --results" in md  # a sweep's report is reproduced by the sweep

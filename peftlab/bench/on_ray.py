@@ -218,6 +218,8 @@ def tune_executor(address: Optional[str] = None, cpus: Optional[int] = None, gpu
                                    reduction_factor=early.reduction_factor) if early else FIFOScheduler())
         trainable = tune.with_parameters(_trial, plan=plan, cells=cells, again=again, ctx=ctx, resume=resume,
                                          cwd=os.getcwd(), threads=cpus)
+        # Tune's own tables and hints off (verbose=0 silences only its legacy engine): one line per trial
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
             param_space={"cell": tune.grid_search([c.id for c in todo])},
