@@ -123,6 +123,29 @@ def test_the_peak_that_moves_from_the_end_to_the_start_of_the_backward_is_extrap
     assert predicted.peak("train") == pytest.approx(measured.peaks["train"], rel=0.03)
 
 
+def test_a_one_epoch_run_trains_its_longest_batch_before_any_optimizer_state(tiny_bert, wnut_small, tmp_path):
+    """The batches the planner expects are the run's own: the first holds the longest example, the
+    largest of the others is the one trained with AdamW's state. Over two epochs the longest batch
+    comes again with the state, and the plan says more."""
+    from peftlab.training.launch import make_loaders
+
+    def estimator(epochs: int) -> Estimator:
+        return Estimator(as_recipe(ner_recipe(tiny_bert, wnut_small, tmp_path / "run", {"name": "full"}, epochs=epochs)), "cpu")
+
+    def numel(batch: dict) -> int:
+        return batch["input_ids"].numel()
+
+    one, two = estimator(1), estimator(2)
+    longest, later, _ = one.train_batches(8)
+    cfg = one.recipe.train.model_copy(update={"batch_size": 8})
+    loader, _ = make_loaders({"train": one.data.train}, one.data.task.collator(one.data.tokenizer), cfg, 1)
+    run = list(loader)
+    assert run[0]["input_ids"].shape == longest["input_ids"].shape
+    assert later["input_ids"].shape == max(run[1:], key=numel)["input_ids"].shape and numel(later) < numel(longest)
+    assert two.train_batches(8)[1] is None
+    assert one.trace_for(8, False, 8, timed=False).peak("train") < two.trace_for(8, False, 8, timed=False).peak("train")
+
+
 def test_checkpointing_lowers_the_activations(tiny_bert, wnut_small, tmp_path):
     deep = _deeper(tiny_bert, tmp_path, 4)
     recipe = as_recipe(ner_recipe(deep, wnut_small, tmp_path / "run", {"name": "full"}))

@@ -44,6 +44,26 @@ def batch_of(data: PlanData, split: Any, size: int) -> dict:
     return data.task.collator(data.tokenizer)([split[i] for i in order[:size]])
 
 
+def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
+    """The largest training batch after the first, where a run sees each example once at most: its
+    length-grouped order puts the longest example in the first batch, which then runs before any
+    optimizer state exists. None where the longest batch can come again with the state (more than one
+    epoch, shuffled batches, a single step)."""
+    from ..tasks import LengthGroupedEpochSampler
+
+    cfg = recipe.train
+    if not cfg.group_by_length:
+        return None
+    order = list(LengthGroupedEpochSampler(data.train.lengths(), size, cfg.seed))
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    steps = cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * len(batches)
+    if steps > len(batches) or steps < 2:
+        return None
+    lengths = data.train.lengths()
+    largest = max(batches[1:steps], key=lambda b: len(b) * max(lengths[i] for i in b))
+    return data.task.collator(data.tokenizer)([data.train[i] for i in largest])
+
+
 def timing_batches(data: PlanData, size: int, count: int = 4, seed: int = 0) -> list[dict]:
     """``count`` training batches as a length-grouped epoch forms them (examples of similar length),
     around randomly drawn (seeded) examples: their mean step time is the epoch's."""

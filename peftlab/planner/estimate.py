@@ -10,7 +10,7 @@ import torch
 
 from ..errors import PeftlabError
 from .result import Component, Plan
-from .build import (apply_method, batch_of, layer_count, load_data, longest_eval, meta_model,
+from .build import (apply_method, batch_of, later_batch, layer_count, load_data, longest_eval, meta_model,
                     model_config, shallow_model, timing_batches)
 from .trace import Trace, TraceInputs, trace
 from .weights import count_weights, quantizable_weights
@@ -45,7 +45,7 @@ class Estimator:
         self.weights = self._count_weights()  # builds the model's modules: its code is imported now
         self.base_bytes = current_rss_bytes() if self.device.type == "cpu" else 0
         self._traces: dict[tuple, Trace] = {}
-        self._batches: dict[int, tuple[dict, list[dict]]] = {}
+        self._batches: dict[int, tuple[dict, Optional[dict], list[dict]]] = {}
 
     def _count_weights(self) -> Any:
         from ..backbones import unquantized_modules
@@ -97,17 +97,20 @@ class Estimator:
             loss=task.training_loss,
             evaluate=self._evaluate,
             longest=on_device(self.train_batches(batch_size)[0]),
-            timing=[on_device(b) for b in self.train_batches(batch_size)[1]],
+            later=on_device(self.train_batches(batch_size)[1]),
+            timing=[on_device(b) for b in self.train_batches(batch_size)[2]],
             eval_batch=on_device(longest_eval(data, eval_batch_size)),
             optimizer=lambda params: make_optimizer(None, params, r, []),
             gradient_checkpointing=checkpointing,
             max_grad_norm=r.train.max_grad_norm,
         )
 
-    def train_batches(self, batch_size: int) -> tuple[dict, list[dict]]:
-        """The longest training batch of ``batch_size`` and the batches the step time is measured on."""
+    def train_batches(self, batch_size: int) -> tuple[dict, Optional[dict], list[dict]]:
+        """The longest training batch of ``batch_size``, the largest one a run trains on with optimizer
+        state (None: the longest) and the batches the step time is measured on."""
         if batch_size not in self._batches:
             self._batches[batch_size] = (batch_of(self.data, self.data.train, batch_size),
+                                         later_batch(self.data, self.recipe, batch_size),
                                          timing_batches(self.data, batch_size))
         return self._batches[batch_size]
 
@@ -127,8 +130,9 @@ class Estimator:
         peaks = {phase: t.peak(phase) for phase in ("train", "step", "eval")}
         phase = max(peaks, key=peaks.get)
         slack = RUN_OVERHEAD_BYTES if self.device.type == "cpu" else 0
-        longest_batch, timing = self.train_batches(batch_size)
+        longest_batch, later, timing = self.train_batches(batch_size)
         longest = longest_batch["input_ids"].shape[-1]
+        after = "" if later is None else f" (first, before any optimizer state; then up to {later['input_ids'].shape[-1]})"
         components = [
             Component("process before the weights", self.base_bytes, "imports (the model's code too), tokenizer, data (measured)"),
             Component("frozen weights", w.frozen_bytes, self._weight_note()),
@@ -136,7 +140,7 @@ class Estimator:
             Component("gradients", grads, "one per trainable parameter"),
             Component("optimizer state", optim, "AdamW: two per trainable parameter"),
             Component("activations", max(0, peaks["train"] - grads - optim),
-                      f"forward + backward, longest batch {batch_size} x {longest} tokens"
+                      f"forward + backward, longest batch {batch_size} x {longest} tokens{after}"
                       + (", checkpointed" if checkpointing else "")),
             Component("evaluation pass", max(0, peaks["eval"] - optim), f"batch {eval_batch_size}, no gradients"),
             Component("run overhead", slack, "loaders, logs, freed heap, autograd objects (measured here)"),

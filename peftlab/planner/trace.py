@@ -121,6 +121,7 @@ class TraceInputs:
     loss: Callable[[Any, dict], torch.Tensor]  # the task's training loss
     evaluate: Callable[[Any, dict], Any]  # one evaluation batch through the model (no_grad inside)
     longest: dict  # the training batch of the longest examples (padded as training pads it)
+    later: Optional[dict]  # the largest batch trained with optimizer state (None: the longest again)
     timing: list  # training batches as an epoch forms them (for the step time)
     eval_batch: Optional[dict]  # the evaluation batch of the longest examples
     optimizer: Callable[[list], Any]
@@ -138,12 +139,13 @@ def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Depth
     clip = (lambda: torch.nn.utils.clip_grad_norm_(list(params.values()), inputs.max_grad_norm)) \
         if inputs.max_grad_norm else (lambda: None)
     state = list(model.parameters()) + list(model.buffers())
-    batches = [b for b in (inputs.longest, *inputs.timing, inputs.eval_batch) if b is not None]
+    batches = [b for b in (inputs.longest, inputs.later, *inputs.timing, inputs.eval_batch) if b is not None]
     static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
     with LiveTensors(static) as live, on_top_layer_backward(model, layers, live.end_early):
-        for _ in range(2):  # the second step runs with the optimizer state the first created
+        # the second step runs with the optimizer state the first created
+        for batch in (inputs.longest, inputs.later or inputs.longest):
             live.start("train")
-            inputs.loss(model, inputs.longest).backward()
+            inputs.loss(model, batch).backward()
             live.start("step")
             clip()
             optimizer.step()
