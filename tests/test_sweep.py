@@ -112,6 +112,7 @@ def test_asha_stops_a_trailing_trial_and_records_it_as_stopped(tmp_path, tiny_be
     assert "Configuration for experiment" not in res.stdout + res.stderr  # Ray Tune's own tables are off
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Stopped early" in md and "Failed cells" not in md
+    assert "2 planned, 1 ok, 1 stopped early, 0 failed, 0 missing (complete)" in md
     assert f"`peftlab sweep {spec} --results" in md  # a sweep's report is reproduced by the sweep
     # run again: both are finished (the stopped one too); nothing runs
     again = run("sweep", str(spec), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"))

@@ -142,10 +142,12 @@ def _header_lines(s: Summary, records_path: Path) -> list[str]:
                      f" on {'/'.join(map(str, cores))} cores. Times and throughput are only comparable between cells "
                      f"that ran at a similar load.")
     planned = s.planned if s.planned is not None else len(s.ok) + len(s.failed)
-    complete = not s.missing and not s.failed and not s.changed
+    failed = len(s.failed) - len(s.stopped)  # a trial a sweep stopped early is finished, not failed
+    complete = not s.missing and not failed and not s.changed
     state = "complete" if complete else "**PARTIAL**"
+    stopped = f", {len(s.stopped)} stopped early" if s.stopped else ""
     older = f", {len(s.changed)} recorded with an older recipe (not in the tables)" if s.changed else ""
-    lines.append(f"**Cells:** {planned} planned, {len(s.ok)} ok, {len(s.failed)} failed, {len(s.missing)} missing"
+    lines.append(f"**Cells:** {planned} planned, {len(s.ok)} ok{stopped}, {failed} failed, {len(s.missing)} missing"
                  f"{older} ({state}).")
     lines += ["", f"Every number is computed from `{records_path.name}` (one JSON record per cell). Values are the "
               "mean ± sample standard deviation (n−1) over the seeds that finished; `seeds` = finished/planned. "
