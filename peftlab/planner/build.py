@@ -37,11 +37,16 @@ def load_data(recipe: Any) -> PlanData:
     return PlanData(task, tokenizer, train, evals)
 
 
+def collate(data: PlanData, split: Any, indices: list[int]) -> dict:
+    """Examples ``indices`` of ``split``, collated (and padded) as training does."""
+    return data.task.collator(data.tokenizer)([split[i] for i in indices])
+
+
 def batch_of(data: PlanData, split: Any, size: int) -> dict:
     """The ``size`` longest examples of ``split``, collated as training does."""
     lengths = split.lengths()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return data.task.collator(data.tokenizer)([split[i] for i in order[:size]])
+    return collate(data, split, order[:size])
 
 
 def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
@@ -54,14 +59,14 @@ def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
     cfg = recipe.train
     if not cfg.group_by_length:
         return None
-    order = list(LengthGroupedEpochSampler(data.train.lengths(), size, cfg.seed))
+    lengths = data.train.lengths()
+    order = list(LengthGroupedEpochSampler(lengths, size, cfg.seed))
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     steps = cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * len(batches)
     if steps > len(batches) or steps < 2:
         return None
-    lengths = data.train.lengths()
     largest = max(batches[1:steps], key=lambda b: len(b) * max(lengths[i] for i in b))
-    return data.task.collator(data.tokenizer)([data.train[i] for i in largest])
+    return collate(data, data.train, largest)
 
 
 def timing_batches(data: PlanData, size: int, count: int = 4, seed: int = 0) -> list[dict]:
@@ -75,7 +80,7 @@ def timing_batches(data: PlanData, size: int, count: int = 4, seed: int = 0) -> 
     batches = []
     for _ in range(count):
         start = max(0, min(len(order) - size, rng.randrange(len(order)) - size // 2))
-        batches.append(data.task.collator(data.tokenizer)([data.train[i] for i in order[start:start + size]]))
+        batches.append(collate(data, data.train, order[start:start + size]))
     return batches
 
 

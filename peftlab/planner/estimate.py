@@ -84,6 +84,7 @@ class Estimator:
         from ..training.optim import make_optimizer
 
         r, data, task, device = self.recipe, self.data, self.data.task, self.device
+        longest, later, timing = self.train_batches(batch_size)
 
         def build(layers: int) -> tuple[Any, dict]:
             model, trainable = shallow_model(r, task, self.config, layers, device)
@@ -96,9 +97,9 @@ class Estimator:
             build=build,
             loss=task.training_loss,
             evaluate=self._evaluate,
-            longest=on_device(self.train_batches(batch_size)[0]),
-            later=on_device(self.train_batches(batch_size)[1]),
-            timing=[on_device(b) for b in self.train_batches(batch_size)[2]],
+            longest=on_device(longest),
+            later=on_device(later),
+            timing=[on_device(b) for b in timing],
             eval_batch=on_device(longest_eval(data, eval_batch_size)),
             optimizer=lambda params: make_optimizer(None, params, r, []),
             gradient_checkpointing=checkpointing,

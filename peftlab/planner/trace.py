@@ -103,7 +103,7 @@ class Trace:
 
     def peak(self, phase: str) -> int:
         def at_depth(key: str) -> float:
-            return self.extrapolate(self.one.peaks.get(key, 0), self.two.peaks.get(key, 0))
+            return self.extrapolate(self.one.peaks[key], self.two.peaks[key])
 
         value = max(at_depth("train"), at_depth(EARLY)) if phase == "train" else at_depth(phase)
         return max(0, int(value))
