@@ -192,6 +192,12 @@ class TrainConfig(StrictModel):
         "staying in the heap: a lower peak RSS for a little speed (benchmarks/profile_methods.py measures both). "
         "0 or null = glibc's adaptive threshold.",
     )
+    cpu_fast_dropout: bool = Field(
+        True,
+        description="CPU: the model's nn.Dropout layers draw their masks from 16-bit random integers (p rounded "
+        "to 1/65536) and keep a 1-byte mask for backward, instead of torch's float bernoulli_ mask: the same "
+        "distribution in less time and memory (peftlab/dropout.py). false = torch's dropout. GPUs always use torch's.",
+    )
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, value: Any) -> Any:

@@ -5,8 +5,8 @@ CPUs that is the bottleneck (``bernoulli_`` is most of a LoRA step's time), and 
 layer's dropped copy of its input plus the mask. This path, installed on the layers by
 :func:`install`, computes the same expression with one autograd function per layer that
 
-* draws the dropout mask from random integer bits (several times faster than ``bernoulli_`` on
-  CPUs), once per input tensor: layers that read the same tensor (q, k and v) share one mask and one
+* draws the dropout mask from random integer bits (``peftlab/dropout.py``: several times faster
+  than ``bernoulli_`` on CPUs), once per input tensor: layers that read the same tensor (q, k and v) share one mask and one
   dropped copy, as a layer with a fused qkv projection would;
 * on a frozen float ``nn.Linear`` runs the base matmul and the low-rank branch together and saves for
   backward only the dropped input, the boolean mask, the weights and the rank-``r`` activation
@@ -26,18 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-# keep-mask resolution: one 16-bit draw per element, so p is rounded to a multiple of 1/65536
-_LEVELS = 1 << 16
-
-
-def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask of ``shape``, True (drop) with probability p (to 1/65536), a function of ``seed``."""
-    n = int(torch.Size(shape).numel())
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)  # four 16-bit draws per word
-    bits.random_(-(2**63), 2**63 - 1, generator=gen)
-    return (bits.view(torch.int16)[:n] < round(p * _LEVELS) - _LEVELS // 2).view(shape)
+from ..dropout import drop_mask, next_seed
 
 
 class _SharedDropout:
@@ -58,8 +47,7 @@ class _SharedDropout:
         key = (x._version, p)
         if self._out is None or self._input is None or self._input() is not x or self._key != key:
             with torch.no_grad():
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-                drop = drop_mask(x.shape, p, seed, x.device)
+                drop = drop_mask(x.shape, p, next_seed(), x.device)
                 self._out = (torch.where(drop, 0.0, x), drop)
             self._input, self._key = weakref.ref(x), key
         return self._out

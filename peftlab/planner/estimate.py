@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import dropout as fast_dropout
 from ..errors import PeftlabError
 from .result import Component, Plan
 from .build import (apply_method, batch_of, later_batch, layer_count, load_data, longest_eval, meta_model,
@@ -88,6 +89,8 @@ class Estimator:
 
         def build(layers: int) -> tuple[Any, dict]:
             model, trainable = shallow_model(r, task, self.config, layers, device)
+            if r.train.cpu_fast_dropout and torch.device(device).type == "cpu":  # as training runs it
+                fast_dropout.install(model)
             return model.to(device), trainable
 
         def on_device(batch: Optional[dict]) -> Optional[dict]:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import dropout as fast_dropout
 from .._version import __version__
 from ..backbones import check_max_length, load_tokenizer
 from ..checkpoint import (latest_checkpoint, load_latest_checkpoint, optimizer_to_tensors, prune_checkpoints, restore_rng,
@@ -116,6 +117,8 @@ class FineTuneRecipe:
     def _setup_model(self) -> None:
         self.built = self._build_model()
         self.model, self.method, self.ctx = self.built.model, self.built.method, self.built.ctx
+        cpu = self.accelerator.device.type == "cpu"
+        self.fast_dropouts = fast_dropout.install(self.model) if self.cfg.cpu_fast_dropout and cpu else 0
         if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = parameter_report(self.built)
@@ -140,6 +143,8 @@ class FineTuneRecipe:
                  __version__, self.recipe.source, self.method.name, acc.num_processes, acc.device.type, self.threads)
         if mmap_note:
             log.info("%s", mmap_note)
+        if self.fast_dropouts:
+            log.info("dropout: %d layers draw integer-bit masks (train.cpu_fast_dropout)", self.fast_dropouts)
         for note in splits.notes:
             log.info("data: %s", note)
         labels = f", {len(self.task.labels)} labels" if self.task.has_labels else ""

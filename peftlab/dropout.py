@@ -1,0 +1,79 @@
+"""Dropout with masks drawn from random integer bits: the same distribution as ``nn.Dropout``, less
+time and memory on CPUs.
+
+torch's CPU dropout draws a float per element (``bernoulli_``, several times slower than integer
+draws) and keeps that float mask for backward. Here a mask is one 16-bit draw per element compared
+with ``p`` (so ``p`` is rounded to a multiple of 1/65536) and backward keeps it as one byte per
+element. :func:`install` routes a model's ``nn.Dropout`` layers through it on CPUs; LoRA's own
+dropout shares :func:`drop_mask` (``methods/lora_fast.py``).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+_LEVELS = 1 << 16  # keep-mask resolution: one 16-bit draw per element
+
+
+def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask of ``shape``, True (drop) with probability p (to 1/65536), a function of ``seed``."""
+    n = int(torch.Size(shape).numel())
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)  # four 16-bit draws per word
+    bits.random_(-(2**63), 2**63 - 1, generator=gen)
+    return (bits.view(torch.int16)[:n] < round(p * _LEVELS) - _LEVELS // 2).view(shape)
+
+
+def next_seed() -> int:
+    """A mask seed from torch's default generator, so the run's seed fixes every mask."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class _Dropout(torch.autograd.Function):
+    """``x`` with the elements of ``drop`` zeroed and the rest scaled by ``1/(1-p)``; backward keeps
+    only the boolean mask."""
+
+    @staticmethod
+    def forward(ctx, x, drop, gain: float):
+        ctx.save_for_backward(drop)
+        ctx.gain = gain
+        return x.masked_fill(drop, 0.0).mul_(gain)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (drop,) = ctx.saved_tensors
+        return grad_out.masked_fill(drop, 0.0).mul_(ctx.gain), None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``torch.nn.functional.dropout(x, p, training)`` with the mask from :func:`drop_mask`."""
+    if not training or p <= 0:
+        return x
+    if p >= 1:
+        return x * 0.0
+    drop = drop_mask(x.shape, p, next_seed(), x.device)
+    return _Dropout.apply(x, drop, 1.0 / (1.0 - p))
+
+
+def _forward(self: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    return dropout(x, self.p, self.training)
+
+
+def install(model: Any) -> int:
+    """Route every ``nn.Dropout`` layer of ``model`` (its class exactly: not the other dropout
+    variants) through :func:`dropout`; returns how many. The layers keep their class and ``p``."""
+    layers = [m for m in model.modules() if type(m) is torch.nn.Dropout]
+    for layer in layers:
+        layer.forward = types.MethodType(_forward, layer)
+    return len(layers)
+
+
+def uninstall(model: Any) -> None:
+    """Back to torch's own dropout on every layer."""
+    for m in model.modules():
+        if type(m) is torch.nn.Dropout and "forward" in vars(m):
+            del m.forward
