@@ -37,6 +37,35 @@ def skip_import(name: str) -> bool:
     return True
 
 
+def import_bitsandbytes_uncompiled() -> bool:
+    """Import bitsandbytes with the kernels of its default (CPU fallback) backend left uncompiled;
+    False if it was already imported (nothing changes) or is not installed.
+
+    That backend wraps them in ``torch.compile`` at import, which loads torch's compiler (about 120
+    MiB resident on CPU) and compiles them at first use; bitsandbytes runs the plain functions
+    wherever compiling fails, so they compute the same. For one-recipe processes (``peftlab train``,
+    ``peftlab plan``): ``torch.compile`` is the identity only while bitsandbytes imports."""
+    import importlib
+    import importlib.util
+    import sys
+
+    import torch
+
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    real = torch.compile
+
+    def uncompiled(model: Any = None, **_kwargs: Any) -> Any:
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = uncompiled
+    try:
+        importlib.import_module("bitsandbytes")
+    finally:
+        torch.compile = real
+    return True
+
+
 def set_mmap_threshold(mb: float) -> bool:
     """Fix glibc's mmap threshold at ``mb`` MiB (freed large blocks are unmapped, not kept in the heap).
 
