@@ -74,6 +74,30 @@ def test_same_logits_and_gradients_as_peft_without_dropout(tiny_bert, quantizati
     torch.testing.assert_close(again, ref_logits, rtol=0, atol=0)
 
 
+def _graph_nodes(tensor) -> set[str]:
+    seen, names, todo = set(), set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def test_int8_base_keeps_nothing_of_its_own_for_backward(tiny_bert):
+    """On a CPU, bitsandbytes trains an int8 layer with ``MatMul8bitFp``, which keeps the layer's
+    input for backward although the weight is frozen; the fast path computes that matmul itself."""
+    model = _peft_bert(tiny_bert, 0.1, "int8")
+    model.train()
+    batch = _batch()
+    assert "MatMul8bitFpBackward" in _graph_nodes(model(**batch).loss)
+    lora_fast.install(model)
+    nodes = _graph_nodes(model(**batch).loss)
+    assert "MatMul8bitFpBackward" not in nodes and "_LoraLinearBackward" in nodes
+
+
 def test_dropout_gradients_match_peft_under_the_same_mask(tiny_bert):
     """With dropout on, peft's expression evaluated with the masks the fast path drew gives the same
     logits and gradients: the path changes how the mask is drawn and what is saved, not the function."""

@@ -11,7 +11,9 @@ layer's dropped copy of its input plus the mask. This path, installed on the lay
 * on a frozen float ``nn.Linear`` runs the base matmul and the low-rank branch together and saves for
   backward only the dropped input, the boolean mask, the weights and the rank-``r`` activation
   (nothing of the frozen matmul's own);
-* on other bases (int8, 4-bit) leaves the base layer to its own forward and backward.
+* does the same on a frozen int8 base in training on a CPU, with the weight dequantized as
+  bitsandbytes' own CPU training matmul does (which keeps the layer's input for backward);
+* on other bases (4-bit, int8 on GPUs) leaves the base layer to its own forward and backward.
 
 The parameters stay peft's ``lora_A`` / ``lora_B`` modules, so saving, loading, merging and peft's
 parameter counts are unchanged. Layers this path does not cover (DoRA, a LoRA bias, several active
@@ -54,42 +56,53 @@ class _SharedDropout:
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``x @ W^T + bias + (dropout(x) @ A^T) @ B^T * scale`` for a frozen float ``W``; with
-    ``weight=None`` the LoRA branch alone (the base layer then runs its own forward, e.g. int8/4-bit).
-    ``dropped`` and ``drop`` come from :class:`_SharedDropout`; backward keeps ``dropped``, the mask,
-    the weights and the rank-r activation h, nothing of size x for the frozen matmul."""
+    """``x @ W^T + bias + (dropout(x) @ A^T) @ B^T * scale`` for a frozen ``W``; with ``weight=None``
+    the LoRA branch alone (the base layer then runs its own forward, e.g. 4-bit). ``W`` is ``weight``,
+    or, with ``row_scale``, bitsandbytes' int8 rows dequantized as its CPU training matmul does, again
+    in backward. ``dropped`` and ``drop`` come from :class:`_SharedDropout`; backward keeps
+    ``dropped``, the mask, the weights and the rank-r activation h, nothing of size x for the frozen
+    matmul."""
 
     @staticmethod
-    def forward(ctx, x, dropped, drop, weight, bias, weight_a, weight_b, gain: float):
+    def forward(ctx, x, dropped, drop, weight, row_scale, bias, weight_a, weight_b, gain: float):
         flat = x.reshape(-1, x.shape[-1])
         h = dropped.reshape(flat.shape) @ weight_a.t()
         if weight is None:  # the branch alone: scale the rank-r activation, not the output
             out = (h * gain) @ weight_b.t()
         else:
-            out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+            dense = _dense(weight, row_scale, x.dtype)
+            out = flat @ dense.t() if bias is None else torch.addmm(bias, flat, dense.t())
             out.addmm_(h, weight_b.t(), alpha=gain)
-        ctx.save_for_backward(dropped, drop, weight, weight_a, weight_b, h)
+        ctx.save_for_backward(dropped, drop, weight, row_scale, weight_a, weight_b, h)
         ctx.gain = gain
         return out.view(*x.shape[:-1], weight_b.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        dropped, drop, weight, weight_a, weight_b, h = ctx.saved_tensors
+        dropped, drop, weight, row_scale, weight_a, weight_b, h = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_h = (g @ weight_b).mul_(ctx.gain)
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[5]:
-            grad_a = grad_h.t() @ dropped.reshape(-1, dropped.shape[-1])
         if ctx.needs_input_grad[6]:
+            grad_a = grad_h.t() @ dropped.reshape(-1, dropped.shape[-1])
+        if ctx.needs_input_grad[7]:
             grad_b = (g.t() @ h).mul_(ctx.gain)
         if ctx.needs_input_grad[0]:
             grad_x = grad_h @ weight_a
             if drop is not None:
                 grad_x.masked_fill_(drop.reshape(grad_x.shape), 0.0)
             if weight is not None:
-                grad_x.addmm_(g, weight)
+                grad_x.addmm_(g, _dense(weight, row_scale, g.dtype))
             grad_x = grad_x.view(dropped.shape)
-        return grad_x, None, None, None, None, grad_a, grad_b, None
+        return grad_x, None, None, None, None, None, grad_a, grad_b, None
+
+
+def _dense(weight: torch.Tensor, row_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The float weight: ``weight`` itself, or int8 rows times their absmax / 127 (bitsandbytes'
+    ``MatMul8bitFp`` expression)."""
+    if row_scale is None:
+        return weight
+    return weight.to(dtype).mul_(row_scale.unsqueeze(1).mul(1.0 / 127.0))
 
 
 def _fast_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
@@ -119,11 +132,15 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     gain = float(self.scaling[name]) / (1.0 - p)  # dropout's 1/(1-p) folded into the rank-r product
     if _frozen_float(base, x, weight_a):  # one function for the base matmul and the branch
         dropped, drop = self._peftlab_dropout(x, p)
-        return _LoraLinear.apply(x, dropped, drop, base.weight, base.bias, weight_a, weight_b, gain)
+        return _LoraLinear.apply(x, dropped, drop, base.weight, None, base.bias, weight_a, weight_b, gain)
+    int8 = _frozen_int8_training(base, x, weight_a)
+    if int8 is not None:  # the same, on int8 rows: bitsandbytes' own function would keep x for backward
+        dropped, drop = self._peftlab_dropout(x, p)
+        return _LoraLinear.apply(x, dropped, drop, *int8, weight_a, weight_b, gain)
     result = self.base_layer(x)
     x = x.to(weight_a.dtype)
     dropped, drop = self._peftlab_dropout(x, p)
-    branch = _LoraLinear.apply(x, dropped, drop, None, None, weight_a, weight_b, gain)
+    branch = _LoraLinear.apply(x, dropped, drop, None, None, None, weight_a, weight_b, gain)
     return result + branch.to(result.dtype)
 
 
@@ -134,6 +151,27 @@ def _frozen_float(base: Any, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
     if base.bias is not None and base.bias.requires_grad:
         return False
     return base.weight.dtype == x.dtype == weight_a.dtype
+
+
+def _frozen_int8_training(base: Any, x: torch.Tensor, weight_a: torch.Tensor) -> Optional[tuple]:
+    """(int8 rows, their absmax, bias) of a frozen bitsandbytes ``Linear8bitLt`` in training on a CPU
+    (or XPU), where bitsandbytes computes ``x @ dequantized(W)^T`` (``MatMul8bitFp``) and keeps ``x``
+    for backward although ``W`` is frozen; None elsewhere (its int8 kernels, GPUs, evaluation)."""
+    if type(base).__name__ != "Linear8bitLt" or not base.training or x.device.type not in ("cpu", "xpu"):
+        return None
+    state = base.state
+    if state.has_fp16_weights or base.weight.requires_grad or x.dtype != weight_a.dtype:
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    if base.weight.CB is not None:  # what bitsandbytes' forward does first
+        base.init_8bit_state()
+    if state.CB is None or state.SCB is None:
+        return None
+    state.is_training = True
+    if base.bias is not None and base.bias.dtype != x.dtype:
+        base.bias.data = base.bias.data.to(x.dtype)
+    return state.CB, state.SCB, base.bias
 
 
 def lora_layers(model: Any) -> list[Any]:
