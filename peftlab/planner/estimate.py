@@ -175,8 +175,8 @@ class Estimator:
 
 
 def warm_up_quantized(quantization: str, device: Any) -> None:
-    """One step through a small bitsandbytes layer: what its first use loads (bitsandbytes, the
-    compiled kernels it pulls in) is part of a quantized run's memory before its weights."""
+    """One step through a small bitsandbytes layer: what its first use loads (bitsandbytes and its
+    kernels) is part of a quantized run's memory before its weights."""
     import bitsandbytes as bnb
 
     layer = (bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) if quantization == "int8"
