@@ -139,13 +139,11 @@ def _add_extra_commands(sub, wanted: Optional[str]) -> None:
 @command("train")
 def _train(args: argparse.Namespace) -> int:
     from .api import as_recipe, train
-    from .system import import_bitsandbytes_uncompiled, skip_import
+    from .system import prepare_bitsandbytes
 
     recipe = as_recipe(args.recipe, args.overrides)
-    if args.own_process and recipe.backbone.quantization == "none":  # it will never need bitsandbytes
-        skip_import("bitsandbytes")
-    elif args.own_process:
-        import_bitsandbytes_uncompiled()
+    if args.own_process:  # one recipe in this process: bitsandbytes only as that recipe needs it
+        prepare_bitsandbytes(recipe.backbone.quantization)
     train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 

@@ -72,6 +72,12 @@ def install(model: Any) -> int:
     return len(layers)
 
 
+def install_for_run(model: Any, enabled: bool, device: Any) -> int:
+    """What a run does with ``train.cpu_fast_dropout``: :func:`install` on a CPU when enabled (GPUs
+    keep torch's fused dropout); returns how many layers it routed."""
+    return install(model) if enabled and torch.device(device).type == "cpu" else 0
+
+
 def uninstall(model: Any) -> None:
     """Back to torch's own dropout on every layer."""
     for m in model.modules():

@@ -66,6 +66,15 @@ def import_bitsandbytes_uncompiled() -> bool:
     return True
 
 
+def prepare_bitsandbytes(quantization: str) -> None:
+    """For a one-recipe process, before peft is imported: an unquantized run hides bitsandbytes
+    (:func:`skip_import`), a quantized one imports it uncompiled (:func:`import_bitsandbytes_uncompiled`)."""
+    if quantization == "none":
+        skip_import("bitsandbytes")
+    else:
+        import_bitsandbytes_uncompiled()
+
+
 def set_mmap_threshold(mb: float) -> bool:
     """Fix glibc's mmap threshold at ``mb`` MiB (freed large blocks are unmapped, not kept in the heap).
 

@@ -18,13 +18,10 @@ def add_commands(sub, command) -> None:
     @command("plan")
     def _plan(args) -> int:
         from ..api import as_recipe, plan
-        from ..system import import_bitsandbytes_uncompiled, set_mmap_threshold, skip_import
+        from ..system import prepare_bitsandbytes, set_mmap_threshold
 
         recipe = as_recipe(args.recipe, args.overrides)
-        if recipe.backbone.quantization == "none":  # as `peftlab train` does: its base memory is measured
-            skip_import("bitsandbytes")
-        else:
-            import_bitsandbytes_uncompiled()
+        prepare_bitsandbytes(recipe.backbone.quantization)  # as `peftlab train` does: its base memory is measured
         if recipe.train.cpu_mmap_threshold_mb and args.device != "cuda":
             set_mmap_threshold(recipe.train.cpu_mmap_threshold_mb)
         result = plan(recipe, device=args.device, memory=args.memory, fit=args.fit)

@@ -89,8 +89,7 @@ class Estimator:
 
         def build(layers: int) -> tuple[Any, dict]:
             model, trainable = shallow_model(r, task, self.config, layers, device)
-            if r.train.cpu_fast_dropout and torch.device(device).type == "cpu":  # as training runs it
-                fast_dropout.install(model)
+            fast_dropout.install_for_run(model, r.train.cpu_fast_dropout, device)  # as training runs it
             return model.to(device), trainable
 
         def on_device(batch: Optional[dict]) -> Optional[dict]:

@@ -117,8 +117,7 @@ class FineTuneRecipe:
     def _setup_model(self) -> None:
         self.built = self._build_model()
         self.model, self.method, self.ctx = self.built.model, self.built.method, self.built.ctx
-        cpu = self.accelerator.device.type == "cpu"
-        self.fast_dropouts = fast_dropout.install(self.model) if self.cfg.cpu_fast_dropout and cpu else 0
+        self.fast_dropouts = fast_dropout.install_for_run(self.model, self.cfg.cpu_fast_dropout, self.accelerator.device)
         if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = parameter_report(self.built)
