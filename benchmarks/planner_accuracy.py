@@ -6,8 +6,11 @@
 For each peftlab configuration of a report (baseline scripts are not peftlab runs and are left out),
 the planner runs once on the cell's recipe and overrides, and its peak memory and samples/s are set
 beside the cell's recorded values (the mean over its seeds). Records made by older code measure that
-code: the report names each record's commit. ``--measure N`` instead runs each configuration now for
-N optimizer steps (with its evaluations) on this commit and compares with that run.
+code: the report names each record's commit. Speed is also compared with the plan each bench cell
+recorded minutes before it trained (same machine, same session): this machine's speed drifts between
+sessions, so only that pair times the planner and the run under the same conditions. ``--measure N``
+instead runs each configuration now for N optimizer steps (with its evaluations) on this commit and
+compares with that run.
 Writes report.json and report.md (atomically) under ``--out``. Runs one process at a time; nothing
 else should run meanwhile (the planner times a few steps).
 """
@@ -51,10 +54,12 @@ def configurations(specs) -> list[dict]:
             key = (spec, r["config"])
             entry = out.setdefault(key, {"spec": spec, "config": r["config"], "recipe": r["recipe"],
                                          "overrides": [o for o in r["overrides"] if not o.startswith(DROP)],
-                                         "peaks": [], "speeds": [], "commits": set()})
+                                         "peaks": [], "speeds": [], "commits": set(), "in_run": []})
             entry["peaks"].append(r["memory"]["peak_rss_bytes"])
             entry["speeds"].append(r["time"]["samples_per_s"])
             entry["commits"].add(r["git"]["commit"][:10])
+            if (r.get("plan") or {}).get("samples_per_s"):  # the bench's own plan, made just before the cell
+                entry["in_run"].append((r["plan"]["samples_per_s"], r["time"]["samples_per_s"]))
     return list(out.values())
 
 
@@ -88,6 +93,11 @@ def row(entry: dict, plan: dict, measured: dict) -> dict:
              peak_phase=plan["peak_phase"], commits=measured.get("commits"))
     r["peak_error"] = r["predicted_peak_mib"] / r["measured_peak_mib"] - 1
     r["speed_error"] = r["predicted_samples_per_s"] / r["measured_samples_per_s"] - 1
+    pairs = measured.get("in_run") or []
+    if pairs:  # mean over the records that carry a plan, against those same records
+        r["in_run_predicted_samples_per_s"] = statistics.mean(p for p, _ in pairs)
+        r["in_run_speed_error"] = r["in_run_predicted_samples_per_s"] / statistics.mean(m for _, m in pairs) - 1
+        r["in_run_records"] = len(pairs)
     return r
 
 
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
             measured = measure(entry, args.measure)
         else:
             measured = {"peak": statistics.mean(entry["peaks"]), "speed": statistics.mean(entry["speeds"]),
-                        "commits": sorted(entry["commits"])}
+                        "commits": sorted(entry["commits"]), "in_run": entry["in_run"]}
         rows.append(row(entry, plan, measured))
     report = {"command": "python benchmarks/planner_accuracy.py " + " ".join(argv), "git": git_info(ROOT),
               "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -119,28 +129,33 @@ def main(argv=None) -> int:
 
 def markdown(report: dict) -> str:
     rows = [r for r in report["rows"] if "error" not in r]
-    within = lambda key, tol: sum(abs(r[key]) <= tol for r in rows)  # noqa: E731
+    within = lambda key, tol: sum(abs(r[key]) <= tol for r in rows if key in r)  # noqa: E731
+    in_run = sum("in_run_speed_error" in r for r in rows)
     lines = [
         "# Planner: predicted against measured peak memory and speed", "",
         f"Reproduce: `{report['command'].strip()}`. Generated {report['generated']} by "
         f"benchmarks/planner_accuracy.py, not hand-edited; git {report['git']['commit'][:10]}"
         + (" (uncommitted changes)" if report["git"]["dirty"] else "") + f". Measured: {report['measured']}.", "",
-        f"Peak within 15%: {within('peak_error', 0.15)} of {len(rows)}; samples/s within 25%: "
-        f"{within('speed_error', 0.25)} of {len(rows)}.", "",
+        f"Peak within 15%: {within('peak_error', 0.15)} of {len(rows)}. Samples/s within 25%: "
+        f"{within('speed_error', 0.25)} of {len(rows)} predicted now; {within('in_run_speed_error', 0.25)} of "
+        f"the {in_run} whose records carry the plan their bench made just before the cell (same machine and "
+        "session: this machine's speed drifts between sessions, so that pair is the like-for-like one).", "",
         "| report | configuration | predicted peak MiB | measured MiB | error | peak phase | predicted samples/s "
-        "| measured | error | records' commits |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|---|",
+        "| measured | error | predicted in the run | error | records' commits |",
+        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|---|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['spec']} | {r['config']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['spec']} | {r['config']} | failed: {r['error']} | | | | | | | | | |")
             continue
+        run = (f"{r['in_run_predicted_samples_per_s']:.1f} | {r['in_run_speed_error']:+.0%}"
+               if "in_run_speed_error" in r else "- | -")
         lines.append(
             f"| {r['spec']} | {r['config']} | {r['predicted_peak_mib']:,.0f} | {r['measured_peak_mib']:,.0f} | "
             f"{r['peak_error']:+.0%} | {r['peak_phase']} | {r['predicted_samples_per_s']:.1f} | "
-            f"{r['measured_samples_per_s']:.1f} | {r['speed_error']:+.0%} | {', '.join(r['commits'] or ['this one'])} |")
+            f"{r['measured_samples_per_s']:.1f} | {r['speed_error']:+.0%} | {run} | "
+            f"{', '.join(r['commits'] or ['this one'])} |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ the depth extrapolation against a deeper model, fitting a budget, and its one-li
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import peftlab
 from peftlab.api import as_recipe
 from peftlab.planner.estimate import Estimator
-from peftlab.planner.trace import trace_depth
+from peftlab.planner.trace import DepthTrace, Trace, trace_depth
 
 from conftest import cls_recipe, ner_recipe, run_cli
 
@@ -107,6 +108,19 @@ def test_two_shallow_depths_predict_a_deeper_model(tiny_bert, wnut_small, tmp_pa
     measured = trace_depth(inputs, 5, timed_steps=1)
     for phase in ("train", "step", "eval"):
         assert predicted.peak(phase) == pytest.approx(measured.peaks[phase], rel=0.03), phase
+
+
+def test_the_step_time_comes_from_a_copy_up_to_four_layers_deeper(tiny_bert, wnut_small, tmp_path):
+    """One layer's time is the difference of two timed copies: 2 and up to 6 layers (the backbone's
+    own depth at most), not 2 and 3, whose small difference a noisy step multiplies by the depth."""
+    deep = _deeper(tiny_bert, tmp_path, 5)
+    estimator = Estimator(as_recipe(ner_recipe(deep, wnut_small, tmp_path / "run", {"name": "lora", "r": 4})), "cpu")
+    t = estimator.trace_for(16, False, 32)
+    assert (t.one.layers, t.two.layers, t.timed.layers) == (2, 3, 5)
+    assert math.isnan(t.two.step_s) and t.timed.step_s > t.one.step_s > 0
+    assert t.step_s == pytest.approx(t.timed.step_s)  # the backbone's own depth was timed
+    one, two, six = DepthTrace(2, {}, 1.0), DepthTrace(3, {}, math.nan), DepthTrace(6, {}, 2.0)
+    assert Trace(30, one, two, six).step_s == pytest.approx(1.0 + 28 * 0.25)
 
 
 def test_the_peak_that_moves_from_the_end_to_the_start_of_the_backward_is_extrapolated(tiny_bert, wnut_small, tmp_path):

@@ -5,7 +5,8 @@ applied, the real longest batch of its data). Every tensor created during a trai
 optimizer step and an evaluation pass is counted while it is alive; the difference between the two
 depths is one layer's share, so the full depth is ``one + (layers - 1) * (two - one)``. This counts
 what autograd really saves for the method (frozen paths, dropout masks, prefix keys and values,
-checkpointing), not a rule of thumb.
+checkpointing), not a rule of thumb. The step time is extrapolated the same way from depth 2 and a
+copy up to four layers deeper (see :func:`trace`).
 
 A training step's peak moves with depth: a shallow model peaks at the end of the backward (its
 gradients), a deep one at the start (every layer's activations). So the peak up to the moment the
@@ -95,11 +96,13 @@ class Trace:
     layers: int
     one: DepthTrace
     two: DepthTrace
+    timed: Optional[DepthTrace] = None  # a deeper copy's step time (None: ``two``'s)
 
-    def extrapolate(self, one: float, two: float) -> float:
+    def extrapolate(self, one: float, two: float, two_layers: Optional[int] = None) -> float:
         if self.layers <= self.one.layers:
             return one
-        return one + (self.layers - self.one.layers) * (two - one) / (self.two.layers - self.one.layers)
+        two_layers = two_layers or self.two.layers
+        return one + (self.layers - self.one.layers) * (two - one) / (two_layers - self.one.layers)
 
     def peak(self, phase: str) -> int:
         def at_depth(key: str) -> float:
@@ -110,7 +113,8 @@ class Trace:
 
     @property
     def step_s(self) -> float:
-        return max(self.one.step_s, self.extrapolate(self.one.step_s, self.two.step_s))
+        deep = self.timed or self.two
+        return max(self.one.step_s, self.extrapolate(self.one.step_s, deep.step_s, deep.layers))
 
 
 @dataclass
@@ -129,15 +133,26 @@ class TraceInputs:
     max_grad_norm: Optional[float] = None  # clipped as the run clips
 
 
-def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> DepthTrace:
+def _trainable_copy(inputs: TraceInputs, layers: int) -> tuple[Any, Any, Callable[[], Any]]:
+    """The backbone at ``layers`` layers in training mode, its optimizer and the run's clipping."""
     torch.manual_seed(0)
     model, params = inputs.build(layers)
     if inputs.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = inputs.optimizer(params)
     clip = (lambda: torch.nn.utils.clip_grad_norm_(list(params.values()), inputs.max_grad_norm)) \
         if inputs.max_grad_norm else (lambda: None)
+    return model, inputs.optimizer(params), clip
+
+
+def time_depth(inputs: TraceInputs, layers: int, timed_steps: int) -> DepthTrace:
+    """Step time only (no memory trace) of a copy with ``layers`` layers."""
+    model, optimizer, clip = _trainable_copy(inputs, layers)
+    return DepthTrace(layers, {}, time_steps(inputs, model, optimizer, clip, timed_steps))
+
+
+def trace_depth(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> DepthTrace:
+    model, optimizer, clip = _trainable_copy(inputs, layers)
     state = list(model.parameters()) + list(model.buffers())
     batches = [b for b in (inputs.longest, inputs.later, *inputs.timing, inputs.eval_batch) if b is not None]
     static = storage_keys(state) | storage_keys(v for b in batches for v in b.values())
@@ -198,7 +213,15 @@ def time_steps(inputs: TraceInputs, model: Any, optimizer: Any, clip: Callable, 
     return sum(best) / len(best)
 
 
+TIMED_SPAN = 4  # layers between the two timed copies: one layer's time is a small difference of two noisy ones
+
+
 def trace(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Trace:
-    """Depths 2 and 3 (1 and 2 for a 2-layer model): at one layer the peak can fall elsewhere in the step."""
+    """Memory at depths 2 and 3 (1 and 2 for a 2-layer model): at one layer the peak can fall elsewhere
+    in the step. Time at depth 2 and up to ``TIMED_SPAN`` layers deeper (the backbone's own depth at most)."""
     low = max(1, min(2, layers - 1))
-    return Trace(layers, trace_depth(inputs, low, timed_steps), trace_depth(inputs, low + 1, timed_steps))
+    deep = min(layers, low + TIMED_SPAN)
+    one = trace_depth(inputs, low, timed_steps)
+    two = trace_depth(inputs, low + 1, timed_steps if deep == low + 1 else 0)
+    timed = time_depth(inputs, deep, timed_steps) if timed_steps and deep > low + 1 else None
+    return Trace(layers, one, two, timed)
