@@ -157,5 +157,6 @@ def markdown(report: dict) -> str:
             f"{', '.join(r['commits'] or ['this one'])} |")
     return "\n".join(lines) + "\n"
 
+
 if __name__ == "__main__":
     sys.exit(main())

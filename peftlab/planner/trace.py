@@ -96,7 +96,7 @@ class Trace:
     layers: int
     one: DepthTrace
     two: DepthTrace
-    timed: Optional[DepthTrace] = None  # a deeper copy's step time (None: ``two``'s)
+    timed: DepthTrace  # the deeper of the two timed copies (``two`` itself when no deeper one is timed)
 
     def extrapolate(self, one: float, two: float, two_layers: Optional[int] = None) -> float:
         if self.layers <= self.one.layers:
@@ -113,8 +113,7 @@ class Trace:
 
     @property
     def step_s(self) -> float:
-        deep = self.timed or self.two
-        return max(self.one.step_s, self.extrapolate(self.one.step_s, deep.step_s, deep.layers))
+        return max(self.one.step_s, self.extrapolate(self.one.step_s, self.timed.step_s, self.timed.layers))
 
 
 @dataclass
@@ -223,5 +222,5 @@ def trace(inputs: TraceInputs, layers: int, timed_steps: int = 2) -> Trace:
     deep = min(layers, low + TIMED_SPAN)
     one = trace_depth(inputs, low, timed_steps)
     two = trace_depth(inputs, low + 1, timed_steps if deep == low + 1 else 0)
-    timed = time_depth(inputs, deep, timed_steps) if timed_steps and deep > low + 1 else None
+    timed = time_depth(inputs, deep, timed_steps) if timed_steps and deep > low + 1 else two
     return Trace(layers, one, two, timed)
