@@ -61,6 +61,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
+    from peftlab import dropout as fast_dropout
     from peftlab.backbones import load_tokenizer
     from peftlab.recipe import load_recipe
     from peftlab.runs import build_model, parameter_report
@@ -87,6 +88,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
     phases["data"] = (rss_mib(), peak_mib())
     built = build_model(recipe, task, tokenizer, device=device if recipe.backbone.quantization != "none" else None)
     model = built.model.to(device)
+    fast_dropout.install_for_run(model, cfg.cpu_fast_dropout, device)  # as the trainer does
     trainable = built.method.trainable_parameters(model)
     optimizer = make_optimizer(model, trainable, recipe, built.ctx.head_names)
     phases["model"] = (rss_mib(), peak_mib())
@@ -174,7 +176,7 @@ def saved_for_backward(model, task, batch: dict) -> dict:
     return {"activations": round(acts / 2**20, 1), "weights": round(weights / 2**20, 1)}
 
 
-def top_operators(step, batches: list, device, n: int = 8) -> list:
+def top_operators(step, batches: list, device, n: int = 14) -> list:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

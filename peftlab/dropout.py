@@ -5,7 +5,8 @@ torch's CPU dropout draws a float per element (``bernoulli_``, several times slo
 draws) and keeps that float mask for backward. Here a mask is one 16-bit draw per element compared
 with ``p`` (so ``p`` is rounded to a multiple of 1/65536) and backward keeps it as one byte per
 element. :func:`install` routes a model's ``nn.Dropout`` layers through it on CPUs; LoRA's own
-dropout shares :func:`drop_mask` (``methods/lora_fast.py``).
+dropout shares :func:`drop_mask` (``methods/lora_fast.py``). Masks, outputs and gradients live in
+reused CPU memory (``cpu_buffers.py``): first touches of fresh pages cost more than the passes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any
 
 import torch
 
+from . import cpu_buffers
+
 _LEVELS = 1 << 16  # keep-mask resolution: one 16-bit draw per element
+_CPU_CHUNK_WORDS = 1 << 16  # 512 KiB of draws at a time: under glibc's mmap threshold, in cache
 
 
 def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -23,9 +27,25 @@ def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     n = int(torch.Size(shape).numel())
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)  # four 16-bit draws per word
-    bits.random_(-(2**63), 2**63 - 1, generator=gen)
-    return (bits.view(torch.int16)[:n] < round(p * _LEVELS) - _LEVELS // 2).view(shape)
+    words = (n + 3) // 4  # four 16-bit draws per word
+    # on a CPU, drawn a cache-sized chunk at a time (the same stream as one draw): no mask-sized scratch
+    chunk = min(words, _CPU_CHUNK_WORDS) if torch.device(device).type == "cpu" else words
+    scratch = torch.empty(chunk, dtype=torch.int64, device=device)
+    drop = cpu_buffers.empty(shape, torch.bool, device)
+    flat, threshold = drop.view(-1), round(p * _LEVELS) - _LEVELS // 2
+    for start in range(0, words, max(chunk, 1)):
+        bits = scratch[: min(chunk, words - start)].random_(-(2**63), 2**63 - 1, generator=gen).view(torch.int16)
+        part = flat[4 * start: 4 * start + bits.numel()]
+        torch.lt(bits[: part.numel()], threshold, out=part)
+    return drop
+
+
+def masked(x: torch.Tensor, drop: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """``x`` with the elements of ``drop`` zeroed and the rest times ``gain``, in pooled memory."""
+    out = cpu_buffers.empty(x.shape, x.dtype, x.device)
+    if gain == 1.0:
+        return torch.where(drop, x.new_zeros(()), x, out=out)
+    return torch.mul(x, gain, out=out).masked_fill_(drop, 0.0)
 
 
 def next_seed() -> int:
@@ -41,12 +61,12 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x, drop, gain: float):
         ctx.save_for_backward(drop)
         ctx.gain = gain
-        return x.masked_fill(drop, 0.0).mul_(gain)
+        return masked(x, drop, gain)
 
     @staticmethod
     def backward(ctx, grad_out):
         (drop,) = ctx.saved_tensors
-        return grad_out.masked_fill(drop, 0.0).mul_(ctx.gain), None, None
+        return masked(grad_out, drop, ctx.gain), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

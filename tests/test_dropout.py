@@ -138,3 +138,14 @@ def test_training_run_routes_the_model_dropout(tiny_bert, wnut_small, tmp_path, 
     # the model's 8 and peft's 12 LoRA dropouts (which peft's own forward would call)
     logged = "dropout: 20 layers draw integer-bit masks (train.cpu_fast_dropout)" in (tmp_path / "run" / "train.log").read_text()
     assert logged is enabled
+
+
+def test_mask_drawn_in_chunks_is_the_one_draw_stream():
+    """drop_mask draws a CPU mask a chunk at a time: the same mask as one draw of all its words."""
+    shape = torch.Size([3, 100_003])  # 75k words: more than one chunk, and a partial last word
+    n = shape.numel()
+    gen = torch.Generator().manual_seed(11)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=gen)
+    expected = (words.view(torch.int16)[:n] < round(0.1 * 65536) - 32768).view(shape)
+    assert (n + 3) // 4 > fast_dropout._CPU_CHUNK_WORDS
+    assert torch.equal(fast_dropout.drop_mask(shape, 0.1, 11, CPU), expected)

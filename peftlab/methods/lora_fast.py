@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..dropout import drop_mask, next_seed
+from .. import cpu_buffers
+from ..dropout import drop_mask, masked, next_seed
 
 
 class _SharedDropout:
@@ -50,7 +51,7 @@ class _SharedDropout:
         if self._out is None or self._input is None or self._input() is not x or self._key != key:
             with torch.no_grad():
                 drop = drop_mask(x.shape, p, next_seed(), x.device)
-                self._out = (torch.where(drop, 0.0, x), drop)
+                self._out = (masked(x, drop), drop)
             self._input, self._key = weakref.ref(x), key
         return self._out
 
@@ -67,11 +68,15 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, dropped, drop, weight, row_scale, bias, weight_a, weight_b, gain: float):
         flat = x.reshape(-1, x.shape[-1])
         h = dropped.reshape(flat.shape) @ weight_a.t()
+        out = cpu_buffers.empty((flat.shape[0], weight_b.shape[0]), x.dtype, x.device)
         if weight is None:  # the branch alone: scale the rank-r activation, not the output
-            out = (h * gain) @ weight_b.t()
+            torch.mm(h * gain, weight_b.t(), out=out)
         else:
             dense = _dense(weight, row_scale, x.dtype)
-            out = flat @ dense.t() if bias is None else torch.addmm(bias, flat, dense.t())
+            if bias is None:
+                torch.mm(flat, dense.t(), out=out)
+            else:
+                torch.addmm(bias, flat, dense.t(), out=out)
             out.addmm_(h, weight_b.t(), alpha=gain)
         ctx.save_for_backward(dropped, drop, weight, row_scale, weight_a, weight_b, h)
         ctx.gain = gain
@@ -88,7 +93,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[7]:
             grad_b = (g.t() @ h).mul_(ctx.gain)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ weight_a
+            grad_x = torch.mm(grad_h, weight_a, out=cpu_buffers.empty((g.shape[0], weight_a.shape[1]), g.dtype, g.device))
             if drop is not None:
                 grad_x.masked_fill_(drop.reshape(grad_x.shape), 0.0)
             if weight is not None:

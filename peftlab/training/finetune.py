@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import cpu_buffers
 from .. import dropout as fast_dropout
 from .._version import __version__
 from ..backbones import check_max_length, load_tokenizer
@@ -336,7 +337,7 @@ class FineTuneRecipe:
         """Validation pass; keeps the best model. Returns True when training should stop early."""
         s = self.state
         t0 = time.perf_counter()
-        release_free_memory()  # evaluation starts from the memory alive, not from the last step's heap
+        _release_step_memory()
         with self.bar.evaluating(self.eval_dls["validation"], "eval") as batches:
             metrics = self.task.evaluate(self.model, batches, self.accelerator, self.encoded["validation"])
         s.eval_time += time.perf_counter() - t0
@@ -446,7 +447,7 @@ class FineTuneRecipe:
         if "test" not in self.eval_dls:
             return None
         t0 = time.perf_counter()
-        release_free_memory()  # evaluation starts from the memory alive, not from the last step's heap
+        _release_step_memory()
         self.task.use_dev_metrics(next(h for h in self.state.history if h["step"] == self.state.best_step))
         metrics = self.task.evaluate(self.model, self.eval_dls["test"], self.accelerator, self.encoded["test"])
         self.state.eval_time += time.perf_counter() - t0
@@ -479,3 +480,9 @@ class FineTuneRecipe:
             return {n: p.detach() for n, p in self.trainable.items()}
         state = {n: whole(p, keep=self.main) for n, p in self.trainable.items()}
         return {n: t for n, t in state.items() if t is not None}
+
+
+def _release_step_memory() -> None:
+    """Evaluation starts from the memory alive: the training step's pooled buffers and glibc's heap go."""
+    cpu_buffers.release()
+    release_free_memory()
