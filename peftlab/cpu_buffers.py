@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import threading
 import weakref
 from typing import Optional
 
@@ -50,6 +51,7 @@ class _Slot:
 
 
 _slots: list[_Slot] = []
+_lock = threading.Lock()  # threads serving different adapters share the pool
 
 
 def empty(shape: "torch.Size | tuple", dtype: torch.dtype, device: "torch.device | str" = "cpu") -> torch.Tensor:
@@ -60,7 +62,9 @@ def empty(shape: "torch.Size | tuple", dtype: torch.dtype, device: "torch.device
     if device.type != "cpu" or numel == 0:
         return torch.empty(shape, dtype=dtype, device=device)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(_take(nbytes).lend(nbytes)).view(dtype).view(shape)
+    with _lock:
+        view = _take(nbytes).lend(nbytes)
+    return torch.from_numpy(view).view(dtype).view(shape)
 
 
 def _take(nbytes: int) -> _Slot:
@@ -95,9 +99,10 @@ def _madvise():
 
 def release() -> int:
     """Let go of the free buffers (those in use stay until their tensors die); returns how many bytes."""
-    free = [s for s in _slots if s.free()]
-    for slot in free:
-        _slots.remove(slot)
+    with _lock:
+        free = [s for s in _slots if s.free()]
+        for slot in free:
+            _slots.remove(slot)
     return sum(s.array.nbytes for s in free)
 
 

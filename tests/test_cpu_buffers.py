@@ -96,3 +96,34 @@ def test_lora_step_same_values_with_and_without_the_pool(tiny_bert, monkeypatch)
     assert pooled[1].keys() == plain[1].keys() and any("lora_A" in n for n in plain[1])
     for name in plain[1]:
         assert torch.equal(pooled[1][name], plain[1][name]), name
+
+
+def test_threads_never_share_a_buffer():
+    """Threads serving different adapters take buffers at once: none gets a buffer another holds."""
+    import sys
+    import threading
+    import time
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the pool too
+    shared: list[int] = []
+
+    def worker(k: int) -> None:
+        for _ in range(2500):
+            t = cpu_buffers.empty((16,), torch.float32)
+            t.fill_(float(k))
+            time.sleep(0)
+            if not bool((t == k).all()):
+                shared.append(k)
+            del t
+
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+        cpu_buffers.release()
+    assert shared == []
