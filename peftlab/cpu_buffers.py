@@ -15,7 +15,6 @@ tensors; only where the memory comes from changes.
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import threading
 import weakref
@@ -23,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .system import libc_function
 
 
 _MADV_DONTNEED = 4  # Linux
@@ -61,7 +62,7 @@ def empty(shape: "torch.Size | tuple", dtype: torch.dtype, device: "torch.device
     numel = int(torch.Size(shape).numel())
     if device.type != "cpu" or numel == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     with _lock:
         view = _take(nbytes).lend(nbytes)
     return torch.from_numpy(view).view(dtype).view(shape)
@@ -72,8 +73,7 @@ def _take(nbytes: int) -> _Slot:
     fitting = [s for s in free if s.array.nbytes >= nbytes]
     if fitting:
         return min(fitting, key=lambda s: s.array.nbytes)
-    for slot in free:  # too small for this request: they would only hold memory
-        _slots.remove(slot)
+    _forget(free)  # too small for this request: they would only hold memory
     slot = _Slot(nbytes)
     _slots.append(slot)
     return slot
@@ -81,7 +81,7 @@ def _take(nbytes: int) -> _Slot:
 
 def _discard(start: int, length: int) -> bool:
     """Give the whole pages in ``[start, start + length)`` back to the OS; False where it cannot."""
-    madvise = _madvise()
+    madvise = libc_function("madvise")
     page = mmap.PAGESIZE
     first, end = -(-start // page) * page, (start + length) // page * page
     if madvise is None or end <= first:
@@ -89,21 +89,16 @@ def _discard(start: int, length: int) -> bool:
     return madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), _MADV_DONTNEED) == 0
 
 
-@functools.lru_cache(maxsize=None)
-def _madvise():
-    try:
-        return ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # pragma: no cover - no C library symbols (not Linux/glibc)
-        return None
-
-
 def release() -> int:
     """Let go of the free buffers (those in use stay until their tensors die); returns how many bytes."""
     with _lock:
-        free = [s for s in _slots if s.free()]
-        for slot in free:
-            _slots.remove(slot)
-    return sum(s.array.nbytes for s in free)
+        return _forget([s for s in _slots if s.free()])
+
+
+def _forget(slots: list[_Slot]) -> int:
+    """Drop ``slots`` from the pool (their memory goes with their last reference); returns their bytes."""
+    _slots[:] = [s for s in _slots if s not in slots]
+    return sum(s.array.nbytes for s in slots)
 
 
 def pooled_bytes() -> int:

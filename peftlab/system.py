@@ -82,7 +82,7 @@ def set_mmap_threshold(mb: float) -> bool:
     activation-sized tensors come from the heap and their memory stays resident once freed; a fixed
     threshold turns that off. Returns False where there is no glibc ``mallopt`` (nothing changes).
     """
-    mallopt = _libc_function("mallopt")
+    mallopt = libc_function("mallopt")
     return bool(mallopt(M_MMAP_THRESHOLD, int(mb * 1024 * 1024))) if mallopt is not None else False
 
 
@@ -90,7 +90,7 @@ def release_free_memory() -> bool:
     """Hand the heap memory glibc keeps after frees (a training step's small tensors) back to the OS
     (``malloc_trim``), so that an evaluation pass starts from what is alive, not from the step's high
     water mark. False where there is no glibc."""
-    malloc_trim = _libc_function("malloc_trim")
+    malloc_trim = libc_function("malloc_trim")
     return bool(malloc_trim(0)) if malloc_trim is not None else False
 
 
@@ -120,7 +120,7 @@ class TrimBeforeLargeBatches:
 
 
 @functools.lru_cache(maxsize=None)
-def _libc_function(name: str) -> Any:
+def libc_function(name: str) -> Any:
     """``name`` from the C library, looked up once per process (``find_library`` runs a subprocess,
     and malloc_trim runs before every evaluation); None where the library has no such function."""
     import ctypes
