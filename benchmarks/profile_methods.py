@@ -58,6 +58,9 @@ def peak_mib() -> float:
 def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
     """One configuration, in this process; returns its measurements."""
     phases = {"start": (rss_mib(), peak_mib())}
+    from peftlab.system import prepare_bitsandbytes, skip_scipy
+
+    skip_scipy()  # the imports `peftlab train` makes (it hides SciPy, and bitsandbytes when unquantized)
     import torch
     from torch.utils.data import DataLoader
 
@@ -71,6 +74,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
 
     phases["imports"] = (rss_mib(), peak_mib())
     recipe = load_recipe(ROOT / recipe_path, overrides)
+    prepare_bitsandbytes(recipe.backbone.quantization)
     cfg = recipe.train
     from accelerate import PartialState
 

@@ -139,10 +139,12 @@ def _add_extra_commands(sub, wanted: Optional[str]) -> None:
 @command("train")
 def _train(args: argparse.Namespace) -> int:
     from .api import as_recipe, train
-    from .system import prepare_bitsandbytes
+    from .system import prepare_bitsandbytes, skip_scipy
 
+    if args.own_process:  # one recipe in this process: only the imports that recipe needs
+        skip_scipy()
     recipe = as_recipe(args.recipe, args.overrides)
-    if args.own_process:  # one recipe in this process: bitsandbytes only as that recipe needs it
+    if args.own_process:
         prepare_bitsandbytes(recipe.backbone.quantization)
     train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0

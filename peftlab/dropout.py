@@ -3,16 +3,17 @@ time and memory on CPUs.
 
 torch's CPU dropout draws a float per element (``bernoulli_``, several times slower than integer
 draws) and keeps that float mask for backward. Here a mask is one 16-bit draw per element compared
-with ``p`` (so ``p`` is rounded to a multiple of 1/65536) and backward keeps it as one byte per
-element. :func:`install` routes a model's ``nn.Dropout`` layers through it on CPUs; LoRA's own
-dropout shares :func:`drop_mask` (``methods/lora_fast.py``). Masks, outputs and gradients live in
+with ``p`` (so ``p`` is rounded to a multiple of 1/65536), kept as one byte per element (1: keep) and
+applied by multiplying with it: torch's CPU ``where`` / ``masked_fill_`` with a boolean mask take
+several times as long as a multiply by a byte tensor. :func:`install` routes a model's ``nn.Dropout`` layers through it on CPUs; LoRA's own
+dropout shares :func:`keep_mask` (``methods/lora_fast.py``). Masks, outputs and gradients live in
 reused CPU memory (``cpu_buffers.py``): first touches of fresh pages cost more than the passes.
 """
 
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -20,10 +21,11 @@ from . import cpu_buffers
 
 _LEVELS = 1 << 16  # keep-mask resolution: one 16-bit draw per element
 _CPU_CHUNK_WORDS = 1 << 16  # 512 KiB of draws at a time: under glibc's mmap threshold, in cache
+_CPU_CHUNK_ELEMENTS = 1 << 17  # a byte mask widened to float 512 KiB at a time: the same reasons
 
 
-def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask of ``shape``, True (drop) with probability p (to 1/65536), a function of ``seed``."""
+def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """uint8 mask of ``shape``: 0 (drop) with probability p (to 1/65536), else 1; a function of ``seed``."""
     n = int(torch.Size(shape).numel())
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -31,21 +33,32 @@ def drop_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     # on a CPU, drawn a cache-sized chunk at a time (the same stream as one draw): no mask-sized scratch
     chunk = min(words, _CPU_CHUNK_WORDS) if torch.device(device).type == "cpu" else words
     scratch = torch.empty(chunk, dtype=torch.int64, device=device)
-    drop = cpu_buffers.empty(shape, torch.bool, device)
-    flat, threshold = drop.view(-1), round(p * _LEVELS) - _LEVELS // 2
+    keep = cpu_buffers.empty(shape, torch.uint8, device)
+    flat, threshold = keep.view(-1).view(torch.bool), round(p * _LEVELS) - _LEVELS // 2
     for start in range(0, words, max(chunk, 1)):
         bits = scratch[: min(chunk, words - start)].random_(-(2**63), 2**63 - 1, generator=gen).view(torch.int16)
         part = flat[4 * start: 4 * start + bits.numel()]
-        torch.lt(bits[: part.numel()], threshold, out=part)
-    return drop
+        torch.ge(bits[: part.numel()], threshold, out=part)
+    return keep
 
 
-def masked(x: torch.Tensor, drop: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-    """``x`` with the elements of ``drop`` zeroed and the rest times ``gain``, in pooled memory."""
-    out = cpu_buffers.empty(x.shape, x.dtype, x.device)
-    if gain == 1.0:
-        return torch.where(drop, x.new_zeros(()), x, out=out)
-    return torch.mul(x, gain, out=out).masked_fill_(drop, 0.0)
+def masked(x: torch.Tensor, keep: torch.Tensor, gain: float = 1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x * gain`` where ``keep`` is 1, +0.0 where it is 0 (``keep_mask``'s byte mask), into ``out``
+    (contiguous; may be ``x`` itself) or pooled memory.
+
+    ``addcmul`` (0 + gain * x * keep) gives the same bits as ``(x * gain).masked_fill_(~keep, 0)``.
+    torch would widen the byte mask into a fresh float temporary of x's size; here it is widened a
+    cache-sized chunk at a time on CPUs."""
+    out = cpu_buffers.empty(x.shape, x.dtype, x.device) if out is None else out
+    n, zero = x.numel(), x.new_zeros(())
+    step = min(n, _CPU_CHUNK_ELEMENTS) if x.device.type == "cpu" else n
+    flat_x, flat_keep, flat_out = x.reshape(-1), keep.reshape(-1), out.view(-1)
+    scratch = torch.empty(step, dtype=x.dtype, device=x.device)
+    for start in range(0, n, max(step, 1)):
+        end = min(n, start + step)
+        mask = scratch[: end - start].copy_(flat_keep[start:end])
+        torch.addcmul(zero, flat_x[start:end], mask, value=gain, out=flat_out[start:end])
+    return out
 
 
 def next_seed() -> int:
@@ -54,29 +67,29 @@ def next_seed() -> int:
 
 
 class _Dropout(torch.autograd.Function):
-    """``x`` with the elements of ``drop`` zeroed and the rest scaled by ``1/(1-p)``; backward keeps
-    only the boolean mask."""
+    """``x`` with the elements ``keep`` drops zeroed and the rest scaled by ``1/(1-p)``; backward keeps
+    only the byte mask."""
 
     @staticmethod
-    def forward(ctx, x, drop, gain: float):
-        ctx.save_for_backward(drop)
+    def forward(ctx, x, keep, gain: float):
+        ctx.save_for_backward(keep)
         ctx.gain = gain
-        return masked(x, drop, gain)
+        return masked(x, keep, gain)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (drop,) = ctx.saved_tensors
-        return masked(grad_out, drop, ctx.gain), None, None
+        (keep,) = ctx.saved_tensors
+        return masked(grad_out, keep, ctx.gain), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``torch.nn.functional.dropout(x, p, training)`` with the mask from :func:`drop_mask`."""
+    """``torch.nn.functional.dropout(x, p, training)`` with the mask from :func:`keep_mask`."""
     if not training or p <= 0:
         return x
     if p >= 1:
         return x * 0.0
-    drop = drop_mask(x.shape, p, next_seed(), x.device)
-    return _Dropout.apply(x, drop, 1.0 / (1.0 - p))
+    keep = keep_mask(x.shape, p, next_seed(), x.device)
+    return _Dropout.apply(x, keep, 1.0 / (1.0 - p))
 
 
 def _forward(self: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:

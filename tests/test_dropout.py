@@ -14,30 +14,51 @@ from peftlab import dropout as fast_dropout
 CPU = torch.device("cpu")
 
 
-def test_drop_mask_rate_and_determinism():
-    a = fast_dropout.drop_mask(torch.Size([400, 1000]), 0.1, 7, CPU)
-    b = fast_dropout.drop_mask(torch.Size([400, 1000]), 0.1, 7, CPU)
-    c = fast_dropout.drop_mask(torch.Size([400, 1000]), 0.1, 8, CPU)
-    assert a.dtype == torch.bool and a.shape == (400, 1000)
+def test_keep_mask_rate_and_determinism():
+    a = fast_dropout.keep_mask(torch.Size([400, 1000]), 0.1, 7, CPU)
+    b = fast_dropout.keep_mask(torch.Size([400, 1000]), 0.1, 7, CPU)
+    c = fast_dropout.keep_mask(torch.Size([400, 1000]), 0.1, 8, CPU)
+    assert a.dtype == torch.uint8 and a.shape == (400, 1000) and set(a.unique().tolist()) == {0, 1}
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert abs(a.float().mean().item() - 0.1) < 0.003  # 400k draws: 3 sigma is 0.0014
-    assert abs(fast_dropout.drop_mask(torch.Size([400, 1000]), 0.5, 9, CPU).float().mean().item() - 0.5) < 0.005
-    assert not fast_dropout.drop_mask(torch.Size([1000]), 0.0, 7, CPU).any()
+    assert abs(1 - a.float().mean().item() - 0.1) < 0.003  # 400k draws: 3 sigma is 0.0014
+    assert abs(fast_dropout.keep_mask(torch.Size([400, 1000]), 0.5, 9, CPU).float().mean().item() - 0.5) < 0.005
+    assert fast_dropout.keep_mask(torch.Size([1000]), 0.0, 7, CPU).all()
+
+
+def test_masked_is_bitwise_the_masked_fill_expression():
+    """masked() multiplies by the byte mask a chunk at a time; its bits equal those of scaling and
+    then zero-filling (+0.0, not -0.0, where dropped), with and without a gain, into pooled memory,
+    in place, and from a non-contiguous input."""
+    x = torch.randn(600, 257)  # more elements than one chunk, and a partial last chunk
+    assert x.numel() > fast_dropout._CPU_CHUNK_ELEMENTS
+    keep = fast_dropout.keep_mask(x.shape, 0.3, 3, CPU)
+
+    def bits(t):
+        return t.contiguous().view(torch.int32)
+
+    for gain in (1.0, 1 / 0.7):
+        ref = (x * gain).masked_fill_(keep == 0, 0.0)
+        assert torch.equal(bits(fast_dropout.masked(x, keep, gain)), bits(ref))
+        inplace = x.clone()
+        assert fast_dropout.masked(inplace, keep, gain, out=inplace) is inplace
+        assert torch.equal(bits(inplace), bits(ref))
+        strided = x.t().contiguous().t()  # same values, transposed layout
+        assert torch.equal(bits(fast_dropout.masked(strided, keep, gain)), bits(ref))
 
 
 class _Recorder:
-    """Wraps drop_mask and keeps every mask it drew, in order."""
+    """Wraps keep_mask and keeps every mask it drew, in order."""
 
     def __init__(self, monkeypatch):
         self.masks: list[torch.Tensor] = []
-        real = fast_dropout.drop_mask
+        real = fast_dropout.keep_mask
 
         def recording(shape, p, seed, device):
             mask = real(shape, p, seed, device)
             self.masks.append(mask)
             return mask
 
-        monkeypatch.setattr(fast_dropout, "drop_mask", recording)
+        monkeypatch.setattr(fast_dropout, "keep_mask", recording)
 
 
 def test_same_output_and_gradient_as_the_plain_expression(monkeypatch):
@@ -48,11 +69,11 @@ def test_same_output_and_gradient_as_the_plain_expression(monkeypatch):
     (out * weight).sum().backward()
     (mask,) = recorder.masks
     ref_x = x.detach().clone().requires_grad_(True)
-    ref = ref_x * (~mask) / 0.7
+    ref = ref_x * mask / 0.7
     (ref * weight).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, ref_x.grad)
-    assert 0 < int(mask.sum()) < mask.numel()
+    assert 0 < int(mask.sum()) < mask.numel()  # some kept, some dropped
 
 
 def test_identity_in_evaluation_and_at_zero():
@@ -99,7 +120,7 @@ def test_model_under_the_same_masks_as_torch_expression(tiny_bert, monkeypatch):
     masks = iter(recorder.masks)
 
     def replay(self, x):
-        return x if self.p == 0 else x * (~next(masks)) / (1 - self.p)
+        return x if self.p == 0 else x * next(masks) / (1 - self.p)
 
     for m in model.modules():
         if type(m) is torch.nn.Dropout:
@@ -141,11 +162,11 @@ def test_training_run_routes_the_model_dropout(tiny_bert, wnut_small, tmp_path, 
 
 
 def test_mask_drawn_in_chunks_is_the_one_draw_stream():
-    """drop_mask draws a CPU mask a chunk at a time: the same mask as one draw of all its words."""
+    """keep_mask draws a CPU mask a chunk at a time: the same mask as one draw of all its words."""
     shape = torch.Size([3, 100_003])  # 75k words: more than one chunk, and a partial last word
     n = shape.numel()
     gen = torch.Generator().manual_seed(11)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=gen)
-    expected = (words.view(torch.int16)[:n] < round(0.1 * 65536) - 32768).view(shape)
+    expected = (words.view(torch.int16)[:n] >= round(0.1 * 65536) - 32768).view(shape).to(torch.uint8)
     assert (n + 3) // 4 > fast_dropout._CPU_CHUNK_WORDS
-    assert torch.equal(fast_dropout.drop_mask(shape, 0.1, 11, CPU), expected)
+    assert torch.equal(fast_dropout.keep_mask(shape, 0.1, 11, CPU), expected)

@@ -108,18 +108,18 @@ def test_dropout_gradients_match_peft_under_the_same_mask(tiny_bert):
     lora_fast.install(model)
     batch = _batch()
     masks: dict = {}
-    real = lora_fast.drop_mask
+    real = lora_fast.keep_mask
 
     def recording(shape, prob, seed, device):
         mask = real(shape, prob, seed, device)
         masks.setdefault(seed, mask)
         return mask
 
-    lora_fast.drop_mask = recording
+    lora_fast.keep_mask = recording
     try:
         logits, grads = _loss_and_grads(model, batch)
     finally:
-        lora_fast.drop_mask = real
+        lora_fast.keep_mask = real
     # layers that read one tensor drew one mask: 2 layers x (qkv, attention output, ffn in, ffn out)
     assert len(masks) == 8
     replay = iter(masks.values())
@@ -133,7 +133,7 @@ def test_dropout_gradients_match_peft_under_the_same_mask(tiny_bert):
             if mask is None:
                 mask = next(replay)
                 inputs.append((x, mask))
-            return x.masked_fill(mask, 0.0) / (1 - p)
+            return x.masked_fill(mask == 0, 0.0) / (1 - p)
 
     for layer in layers:
         layer.lora_dropout["default"] = Replay()

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from .. import cpu_buffers
-from ..dropout import drop_mask, masked, next_seed
+from ..dropout import keep_mask, masked, next_seed
 
 
 class _SharedDropout:
@@ -43,15 +43,15 @@ class _SharedDropout:
         self._out: Optional[tuple] = None
 
     def __call__(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(dropped x, the mask of dropped elements), without the 1/(1-p) gain; (x, None) for p = 0."""
+        """(dropped x, its byte keep-mask), without the 1/(1-p) gain; (x, None) for p = 0."""
         if p <= 0:  # evaluation: nothing of the last training step stays referenced
             self._input, self._out = None, None
             return x, None
         key = (x._version, p)
         if self._out is None or self._input is None or self._input() is not x or self._key != key:
             with torch.no_grad():
-                drop = drop_mask(x.shape, p, next_seed(), x.device)
-                self._out = (masked(x, drop), drop)
+                keep = keep_mask(x.shape, p, next_seed(), x.device)
+                self._out = (masked(x, keep), keep)
             self._input, self._key = weakref.ref(x), key
         return self._out
 
@@ -60,12 +60,12 @@ class _LoraLinear(torch.autograd.Function):
     """``x @ W^T + bias + (dropout(x) @ A^T) @ B^T * scale`` for a frozen ``W``; with ``weight=None``
     the LoRA branch alone (the base layer then runs its own forward, e.g. 4-bit). ``W`` is ``weight``,
     or, with ``row_scale``, bitsandbytes' int8 rows dequantized as its CPU training matmul does, again
-    in backward. ``dropped`` and ``drop`` come from :class:`_SharedDropout`; backward keeps
+    in backward. ``dropped`` and ``keep`` come from :class:`_SharedDropout`; backward keeps
     ``dropped``, the mask, the weights and the rank-r activation h, nothing of size x for the frozen
     matmul."""
 
     @staticmethod
-    def forward(ctx, x, dropped, drop, weight, row_scale, bias, weight_a, weight_b, gain: float):
+    def forward(ctx, x, dropped, keep, weight, row_scale, bias, weight_a, weight_b, gain: float):
         flat = x.reshape(-1, x.shape[-1])
         h = dropped.reshape(flat.shape) @ weight_a.t()
         out = cpu_buffers.empty((flat.shape[0], weight_b.shape[0]), x.dtype, x.device)
@@ -78,13 +78,13 @@ class _LoraLinear(torch.autograd.Function):
             else:
                 torch.addmm(bias, flat, dense.t(), out=out)
             out.addmm_(h, weight_b.t(), alpha=gain)
-        ctx.save_for_backward(dropped, drop, weight, row_scale, weight_a, weight_b, h)
+        ctx.save_for_backward(dropped, keep, weight, row_scale, weight_a, weight_b, h)
         ctx.gain = gain
         return out.view(*x.shape[:-1], weight_b.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        dropped, drop, weight, row_scale, weight_a, weight_b, h = ctx.saved_tensors
+        dropped, keep, weight, row_scale, weight_a, weight_b, h = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_h = (g @ weight_b).mul_(ctx.gain)
         grad_x = grad_a = grad_b = None
@@ -94,8 +94,8 @@ class _LoraLinear(torch.autograd.Function):
             grad_b = (g.t() @ h).mul_(ctx.gain)
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad_h, weight_a, out=cpu_buffers.empty((g.shape[0], weight_a.shape[1]), g.dtype, g.device))
-            if drop is not None:
-                grad_x.masked_fill_(drop.reshape(grad_x.shape), 0.0)
+            if keep is not None:  # a multiply by the byte mask: several times faster than masked_fill_ on CPUs
+                masked(grad_x, keep, out=grad_x)
             if weight is not None:
                 grad_x.addmm_(g, _dense(weight, row_scale, g.dtype))
             grad_x = grad_x.view(dropped.shape)
@@ -136,16 +136,16 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     gain = float(self.scaling[name]) / (1.0 - p)  # dropout's 1/(1-p) folded into the rank-r product
     if _frozen_float(base, x, weight_a):  # one function for the base matmul and the branch
-        dropped, drop = self._peftlab_dropout(x, p)
-        return _LoraLinear.apply(x, dropped, drop, base.weight, None, base.bias, weight_a, weight_b, gain)
+        dropped, keep = self._peftlab_dropout(x, p)
+        return _LoraLinear.apply(x, dropped, keep, base.weight, None, base.bias, weight_a, weight_b, gain)
     int8 = _frozen_int8_training(base, x, weight_a)
     if int8 is not None:  # the same, on int8 rows: bitsandbytes' own function would keep x for backward
-        dropped, drop = self._peftlab_dropout(x, p)
-        return _LoraLinear.apply(x, dropped, drop, *int8, weight_a, weight_b, gain)
+        dropped, keep = self._peftlab_dropout(x, p)
+        return _LoraLinear.apply(x, dropped, keep, *int8, weight_a, weight_b, gain)
     result = self.base_layer(x)
     x = x.to(weight_a.dtype)
-    dropped, drop = self._peftlab_dropout(x, p)
-    branch = _LoraLinear.apply(x, dropped, drop, None, None, None, weight_a, weight_b, gain)
+    dropped, keep = self._peftlab_dropout(x, p)
+    branch = _LoraLinear.apply(x, dropped, keep, None, None, None, weight_a, weight_b, gain)
     return result + branch.to(result.dtype)
 
 

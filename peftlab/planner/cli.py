@@ -18,8 +18,9 @@ def add_commands(sub, command) -> None:
     @command("plan")
     def _plan(args) -> int:
         from ..api import as_recipe, plan
-        from ..system import prepare_bitsandbytes, set_mmap_threshold
+        from ..system import prepare_bitsandbytes, set_mmap_threshold, skip_scipy
 
+        skip_scipy()  # as `peftlab train` does: its base memory is measured
         recipe = as_recipe(args.recipe, args.overrides)
         prepare_bitsandbytes(recipe.backbone.quantization)  # as `peftlab train` does: its base memory is measured
         if recipe.train.cpu_mmap_threshold_mb and args.device != "cuda":
