@@ -37,6 +37,7 @@ CONFIGS = {
     "lora": ("recipes/lora_ner.yaml", []),
     "lora-peft-forward": ("recipes/lora_ner.yaml", ["method.fast_path=false"]),
     "lora-no-dropout": ("recipes/lora_ner.yaml", ["method.dropout=0"]),
+    "lora-keep-inputs": ("recipes/lora_ner.yaml", ["method.recompute_inputs=false"]),
     "adapter-houlsby": ("recipes/adapter_ner.yaml", []),
     "int8-lora": ("recipes/lora8_ner.yaml", ["backbone.quantization=int8"]),
     "nf4-qlora": ("recipes/qlora_ner.yaml", []),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftlab.methods import lora_fast
+from peftlab.methods import lora_fast, lora_inputs
 
 TOKEN = "AutoModelForTokenClassification"
 
@@ -108,18 +108,18 @@ def test_dropout_gradients_match_peft_under_the_same_mask(tiny_bert):
     lora_fast.install(model)
     batch = _batch()
     masks: dict = {}
-    real = lora_fast.keep_mask
+    real = lora_inputs.keep_mask
 
     def recording(shape, prob, seed, device):
         mask = real(shape, prob, seed, device)
         masks.setdefault(seed, mask)
         return mask
 
-    lora_fast.keep_mask = recording
+    lora_inputs.keep_mask = recording
     try:
         logits, grads = _loss_and_grads(model, batch)
     finally:
-        lora_fast.keep_mask = real
+        lora_inputs.keep_mask = real
     # layers that read one tensor drew one mask: 2 layers x (qkv, attention output, ffn in, ffn out)
     assert len(masks) == 8
     replay = iter(masks.values())

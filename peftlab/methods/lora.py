@@ -30,6 +30,12 @@ class LoraOptions(BaseModel):
         "the same function and weights as peft's, dropout drawn once per shared input, less saved for backward. "
         "false = peft's own forward.",
     )
+    recompute_inputs: bool = Field(
+        True,
+        description="With fast_path: where an adapted layer's input is a GELU's, a LayerNorm's or a product's output, "
+        "backward computes it again from what autograd keeps anyway instead of keeping a copy (methods/lora_inputs.py): "
+        "the same bits, less memory, one more such pass per layer in backward. false = keep the copy.",
+    )
 
 
 @register_method
@@ -67,7 +73,7 @@ class Lora(Method):
         if self.options.fast_path:
             from .lora_fast import install
 
-            install(model)
+            install(model, recompute=self.options.recompute_inputs)
         return model
 
     def save(self, model: Any, folder: Path, ctx: MethodContext) -> None:

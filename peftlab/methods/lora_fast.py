@@ -6,11 +6,13 @@ layer's dropped copy of its input plus the mask. This path, installed on the lay
 :func:`install`, computes the same expression with one autograd function per layer that
 
 * draws the dropout mask from random integer bits (``peftlab/dropout.py``: several times faster
-  than ``bernoulli_`` on CPUs), once per input tensor: layers that read the same tensor (q, k and v) share one mask and one
-  dropped copy, as a layer with a fused qkv projection would;
+  than ``bernoulli_`` on CPUs), once per input tensor: layers that read the same tensor (q, k and v)
+  share one mask and one dropped copy, as a layer with a fused qkv projection would
+  (``lora_inputs.py``);
 * on a frozen float ``nn.Linear`` runs the base matmul and the low-rank branch together and saves for
-  backward only the dropped input, the boolean mask, the weights and the rank-``r`` activation
-  (nothing of the frozen matmul's own);
+  backward only the dropped input (or, where the input is a GELU's, a LayerNorm's or a product's
+  output, what autograd keeps anyway to compute it again), the byte mask, the weights and the
+  rank-``r`` activation (nothing of the frozen matmul's own);
 * does the same on a frozen int8 base in training on a CPU, with the weight dequantized as
   bitsandbytes' own CPU training matmul does (which keeps the layer's input for backward);
 * on other bases (4-bit, int8 on GPUs) leaves the base layer to its own forward and backward.
@@ -23,49 +25,25 @@ adapters, merged or disabled adapters, mixed-adapter batches, autocast) run peft
 from __future__ import annotations
 
 import types
-import weakref
 from typing import Any, Optional
 
 import torch
 
 from .. import cpu_buffers
-from ..dropout import keep_mask, masked, next_seed
-
-
-class _SharedDropout:
-    """LoRA dropout once per input tensor: the layers that read the same tensor (q, k and v) share
-    one mask and one dropped copy, as a layer with a fused qkv projection would. The mask is drawn
-    from torch's default generator, so the run's seed fixes it."""
-
-    def __init__(self) -> None:
-        self._input: Optional[weakref.ref] = None
-        self._key: tuple = ()
-        self._out: Optional[tuple] = None
-
-    def __call__(self, x: torch.Tensor, p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(dropped x, its byte keep-mask), without the 1/(1-p) gain; (x, None) for p = 0."""
-        if p <= 0:  # evaluation: nothing of the last training step stays referenced
-            self._input, self._out = None, None
-            return x, None
-        key = (x._version, p)
-        if self._out is None or self._input is None or self._input() is not x or self._key != key:
-            with torch.no_grad():
-                keep = keep_mask(x.shape, p, next_seed(), x.device)
-                self._out = (masked(x, keep), keep)
-            self._input, self._key = weakref.ref(x), key
-        return self._out
+from ..dropout import masked
+from .lora_inputs import SharedDropout, layer_norm_eps
 
 
 class _LoraLinear(torch.autograd.Function):
     """``x @ W^T + bias + (dropout(x) @ A^T) @ B^T * scale`` for a frozen ``W``; with ``weight=None``
     the LoRA branch alone (the base layer then runs its own forward, e.g. 4-bit). ``W`` is ``weight``,
     or, with ``row_scale``, bitsandbytes' int8 rows dequantized as its CPU training matmul does, again
-    in backward. ``dropped`` and ``keep`` come from :class:`_SharedDropout`; backward keeps
-    ``dropped``, the mask, the weights and the rank-r activation h, nothing of size x for the frozen
-    matmul."""
+    in backward. ``dropped``, ``keep`` and ``again`` come from :class:`SharedDropout`; backward keeps
+    the mask, the weights, the rank-r activation h and ``dropped`` (or, with ``again``, only what
+    computes it again), nothing of size x for the frozen matmul."""
 
     @staticmethod
-    def forward(ctx, x, dropped, keep, weight, row_scale, bias, weight_a, weight_b, gain: float):
+    def forward(ctx, x, dropped, keep, weight, row_scale, bias, weight_a, weight_b, gain: float, again):
         flat = x.reshape(-1, x.shape[-1])
         h = dropped.reshape(flat.shape) @ weight_a.t()
         out = cpu_buffers.empty((flat.shape[0], weight_b.shape[0]), x.dtype, x.device)
@@ -78,18 +56,22 @@ class _LoraLinear(torch.autograd.Function):
             else:
                 torch.addmm(bias, flat, dense.t(), out=out)
             out.addmm_(h, weight_b.t(), alpha=gain)
-        ctx.save_for_backward(dropped, keep, weight, row_scale, weight_a, weight_b, h)
-        ctx.gain = gain
+        sources = (dropped,) if again is None else again.tensors  # saved for autograd's in-place checks
+        ctx.save_for_backward(keep, weight, row_scale, weight_a, weight_b, h, *sources)
+        ctx.gain, ctx.again, ctx.x_shape = gain, again, x.shape
         return out.view(*x.shape[:-1], weight_b.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        dropped, keep, weight, row_scale, weight_a, weight_b, h = ctx.saved_tensors
+        keep, weight, row_scale, weight_a, weight_b, h, *sources = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_h = (g @ weight_b).mul_(ctx.gain)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[6]:
+            dropped = sources[0] if ctx.again is None else ctx.again.dropped(keep)
             grad_a = grad_h.t() @ dropped.reshape(-1, dropped.shape[-1])
+        if ctx.again is not None:
+            ctx.again.done()
         if ctx.needs_input_grad[7]:
             grad_b = (g.t() @ h).mul_(ctx.gain)
         if ctx.needs_input_grad[0]:
@@ -98,8 +80,8 @@ class _LoraLinear(torch.autograd.Function):
                 masked(grad_x, keep, out=grad_x)
             if weight is not None:
                 grad_x.addmm_(g, _dense(weight, row_scale, g.dtype))
-            grad_x = grad_x.view(dropped.shape)
-        return grad_x, None, None, None, None, None, grad_a, grad_b, None
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, None, None, None, None, grad_a, grad_b, None, None
 
 
 def _dense(weight: torch.Tensor, row_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -135,17 +117,18 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     dropout = self.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     gain = float(self.scaling[name]) / (1.0 - p)  # dropout's 1/(1-p) folded into the rank-r product
+    shared = self._peftlab_dropout
     if _frozen_float(base, x, weight_a):  # one function for the base matmul and the branch
-        dropped, keep = self._peftlab_dropout(x, p)
-        return _LoraLinear.apply(x, dropped, keep, base.weight, None, base.bias, weight_a, weight_b, gain)
+        dropped, keep, again = shared(x, p)
+        return _LoraLinear.apply(x, dropped, keep, base.weight, None, base.bias, weight_a, weight_b, gain, again)
     int8 = _frozen_int8_training(base, x, weight_a)
     if int8 is not None:  # the same, on int8 rows: bitsandbytes' own function would keep x for backward
-        dropped, keep = self._peftlab_dropout(x, p)
-        return _LoraLinear.apply(x, dropped, keep, *int8, weight_a, weight_b, gain)
+        dropped, keep, again = shared(x, p)
+        return _LoraLinear.apply(x, dropped, keep, *int8, weight_a, weight_b, gain, again)
     result = self.base_layer(x)
     x = x.to(weight_a.dtype)
-    dropped, keep = self._peftlab_dropout(x, p)
-    branch = _LoraLinear.apply(x, dropped, keep, None, None, None, weight_a, weight_b, gain)
+    dropped, keep, again = shared(x, p)
+    branch = _LoraLinear.apply(x, dropped, keep, None, None, None, weight_a, weight_b, gain, again)
     return result + branch.to(result.dtype)
 
 
@@ -191,9 +174,11 @@ def _is_linear_base(base: Any) -> bool:
     return isinstance(base, torch.nn.Linear) or type(base).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
-def install(model: Any) -> int:
-    """Route the forward of every LoRA layer on a linear base through this path; returns how many."""
-    dropout = _SharedDropout()
+def install(model: Any, recompute: bool = True) -> int:
+    """Route the forward of every LoRA layer on a linear base through this path; returns how many.
+    ``recompute``: backward computes an input again where it can (``lora_inputs.py``) instead of
+    keeping a copy."""
+    dropout = SharedDropout(layer_norm_eps(model), recompute)
     layers = lora_layers(model)
     for layer in layers:
         layer._peftlab_dropout = dropout
