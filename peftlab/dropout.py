@@ -3,11 +3,12 @@ time and memory on CPUs.
 
 torch's CPU dropout draws a float per element (``bernoulli_``, several times slower than integer
 draws) and keeps that float mask for backward. Here a mask is one 16-bit draw per element compared
-with ``p`` (so ``p`` is rounded to a multiple of 1/65536), kept as one byte per element (1: keep) and
-applied by multiplying with it: torch's CPU ``where`` / ``masked_fill_`` with a boolean mask take
-several times as long as a multiply by a byte tensor. :func:`install` routes a model's ``nn.Dropout`` layers through it on CPUs; LoRA's own
-dropout shares :func:`keep_mask` (``methods/lora_fast.py``). Masks, outputs and gradients live in
-reused CPU memory (``cpu_buffers.py``): first touches of fresh pages cost more than the passes.
+with ``p`` (so ``p`` is rounded to a multiple of 1/65536), made as one byte per element (1: keep),
+kept for backward as bits on CPUs, and applied by multiplying with it (torch's CPU ``where`` and
+``masked_fill_`` with a boolean mask take several times as long as a multiply by bytes).
+:func:`install` routes a model's ``nn.Dropout`` layers through it on CPUs; LoRA's own dropout shares
+:func:`keep_mask` (``methods/lora_inputs.py``). Masks, outputs and gradients live in reused CPU
+memory (``cpu_buffers.py``): first touches of fresh pages cost more than the passes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import types
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from . import cpu_buffers
@@ -43,8 +45,8 @@ def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
 
 
 def masked(x: torch.Tensor, keep: torch.Tensor, gain: float = 1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x * gain`` where ``keep`` is 1, +0.0 where it is 0 (``keep_mask``'s byte mask), into ``out``
-    (contiguous; may be ``x`` itself) or pooled memory.
+    """``x * gain`` where ``keep`` is 1, +0.0 where it is 0, into ``out`` (contiguous; may be ``x``
+    itself) or pooled memory. ``keep`` is :func:`keep_mask`'s byte mask or its :func:`packed` bits.
 
     ``addcmul`` (0 + gain * x * keep) gives the same bits as ``(x * gain).masked_fill_(~keep, 0)``.
     torch would widen the byte mask into a fresh float temporary of x's size; here it is widened a
@@ -52,13 +54,29 @@ def masked(x: torch.Tensor, keep: torch.Tensor, gain: float = 1.0, out: Optional
     out = cpu_buffers.empty(x.shape, x.dtype, x.device) if out is None else out
     n, zero = x.numel(), x.new_zeros(())
     step = min(n, _CPU_CHUNK_ELEMENTS) if x.device.type == "cpu" else n
-    flat_x, flat_keep, flat_out = x.reshape(-1), keep.reshape(-1), out.view(-1)
+    flat_x, flat_out = x.reshape(-1), out.view(-1)
     scratch = torch.empty(step, dtype=x.dtype, device=x.device)
     for start in range(0, n, max(step, 1)):
         end = min(n, start + step)
-        mask = scratch[: end - start].copy_(flat_keep[start:end])
+        mask = scratch[: end - start].copy_(_keep_slice(keep, n, start, end))
         torch.addcmul(zero, flat_x[start:end], mask, value=gain, out=flat_out[start:end])
     return out
+
+
+def packed(keep: torch.Tensor) -> torch.Tensor:
+    """A byte mask as bits (an eighth of its bytes), to keep until backward, on CPUs; as it is on
+    other devices and for 8 elements or fewer (so a mask is packed exactly when it is shorter than
+    its tensor)."""
+    if keep.device.type != "cpu" or keep.numel() <= 8:
+        return keep
+    return torch.from_numpy(np.packbits(keep.reshape(-1).numpy()))
+
+
+def _keep_slice(keep: torch.Tensor, n: int, start: int, end: int) -> torch.Tensor:
+    """Elements ``start:end`` of a mask for ``n`` elements, as bytes (``start`` a multiple of 8)."""
+    if keep.numel() == n:
+        return keep.reshape(-1)[start:end]
+    return torch.from_numpy(np.unpackbits(keep.numpy()[start // 8: (end + 7) // 8], count=end - start))
 
 
 def next_seed() -> int:
@@ -68,11 +86,11 @@ def next_seed() -> int:
 
 class _Dropout(torch.autograd.Function):
     """``x`` with the elements ``keep`` drops zeroed and the rest scaled by ``1/(1-p)``; backward keeps
-    only the byte mask."""
+    only the mask, as bits on CPUs."""
 
     @staticmethod
     def forward(ctx, x, keep, gain: float):
-        ctx.save_for_backward(keep)
+        ctx.save_for_backward(packed(keep))
         ctx.gain = gain
         return masked(x, keep, gain)
 

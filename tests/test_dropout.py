@@ -46,6 +46,18 @@ def test_masked_is_bitwise_the_masked_fill_expression():
         assert torch.equal(bits(fast_dropout.masked(strided, keep, gain)), bits(ref))
 
 
+def test_packed_mask_applies_as_the_byte_mask():
+    """A mask kept as bits for backward masks to the same bits as the byte mask, across chunks and
+    for lengths that are not a multiple of 8; 8 elements or fewer stay bytes."""
+    for n in (5, 8, 9, 1000, 3 * fast_dropout._CPU_CHUNK_ELEMENTS + 13):
+        x = torch.randn(n)
+        keep = fast_dropout.keep_mask(x.shape, 0.3, n, CPU)
+        bits = fast_dropout.packed(keep)
+        assert bits.numel() == (n if n <= 8 else (n + 7) // 8)
+        expected = fast_dropout.masked(x, keep, 1.5).view(torch.int32)
+        assert torch.equal(fast_dropout.masked(x, bits, 1.5).view(torch.int32), expected)
+
+
 class _Recorder:
     """Wraps keep_mask and keeps every mask it drew, in order."""
 

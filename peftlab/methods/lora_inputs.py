@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import cpu_buffers
-from ..dropout import keep_mask, masked, next_seed
+from ..dropout import keep_mask, masked, next_seed, packed
 
 
 class Recompute:
@@ -122,7 +122,7 @@ class SharedDropout:
             else:
                 with torch.no_grad():
                     keep = keep_mask(x.shape, p, next_seed(), x.device)
-                    self._out = (masked(x, keep), keep, again)
+                    self._out = (masked(x, keep), packed(keep), again)  # kept until backward: as bits
             self._input, self._key = weakref.ref(x), (x._version, p)
         if self._out[2] is not None:
             self._out[2].users += 1
