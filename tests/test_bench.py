@@ -28,6 +28,7 @@ import yaml
 from conftest import ROOT, ner_recipe
 from peftlab.bench import plan_bench, read_records, run_bench
 from peftlab.errors import PeftlabError
+from peftlab.system import peak_rss_bytes
 from peftlab.bench import write_report
 
 BASELINE = ROOT / "benchmarks" / "baselines" / "trainer_baseline.py"
@@ -168,10 +169,19 @@ def test_peak_memory_is_per_process(bench):
     # the cell that ran after the ballast cell does not inherit its peak
     later = recs["baseline-trainer-lora-s1"]["memory"]
     assert later["parent_peak_rss_bytes"] < big["parent_peak_rss_bytes"] - 0.5 * BALLAST_MIB * MIB
+    # the parent's wait4 starts from the size of the process that forked the cell (here this test
+    # process, not a small `peftlab bench`): it agrees with the run's own VmHWM where the run peaked
+    # above that, and is at most that size elsewhere
+    forker = peak_rss_bytes()
+    checked = 0
     for r in recs.values():
         m = r.get("memory")
-        if m:  # the run's own getrusage and the parent's wait4 agree
+        if m and m["peak_rss_bytes"] > forker:
             assert abs(m["peak_rss_bytes"] - m["parent_peak_rss_bytes"]) < 0.1 * m["parent_peak_rss_bytes"]
+            checked += 1
+        elif m:
+            assert m["peak_rss_bytes"] <= m["parent_peak_rss_bytes"] <= 1.1 * forker
+    assert checked >= 1  # the ballast cell at least
 
 
 def _recomputed(recs: list[dict], get) -> tuple:
