@@ -11,7 +11,7 @@ layer's dropped copy of its input plus the mask. This path, installed on the lay
   (``lora_inputs.py``);
 * on a frozen float ``nn.Linear`` runs the base matmul and the low-rank branch together and saves for
   backward only the dropped input (or, where the input is a GELU's, a LayerNorm's or a product's
-  output, what autograd keeps anyway to compute it again), the byte mask, the weights and the
+  output, what autograd keeps anyway to compute it again), the mask (as bits on CPUs), the weights and the
   rank-``r`` activation (nothing of the frozen matmul's own);
 * does the same on a frozen int8 base in training on a CPU, with the weight dequantized as
   bitsandbytes' own CPU training matmul does (which keeps the layer's input for backward);
