@@ -169,18 +169,16 @@ def test_peak_memory_is_per_process(bench):
     # the cell that ran after the ballast cell does not inherit its peak
     later = recs["baseline-trainer-lora-s1"]["memory"]
     assert later["parent_peak_rss_bytes"] < big["parent_peak_rss_bytes"] - 0.5 * BALLAST_MIB * MIB
-    # the parent's wait4 starts from the size of the process that forked the cell (here this test
-    # process, not a small `peftlab bench`): it agrees with the run's own VmHWM where the run peaked
-    # above that, and is at most that size elsewhere
+    # the parent's wait4 is the larger of the run's own peak and the size of the process that forked
+    # the cell (here this test process, not a small `peftlab bench`), the two counted a little
+    # differently: it agrees with the run's own VmHWM where the run peaked above this process's
+    # peak, and is at most about that size elsewhere
     forker = peak_rss_bytes()
     checked = 0
-    for r in recs.values():
-        m = r.get("memory")
-        if m and m["peak_rss_bytes"] > forker:
-            assert abs(m["peak_rss_bytes"] - m["parent_peak_rss_bytes"]) < 0.1 * m["parent_peak_rss_bytes"]
-            checked += 1
-        elif m:
-            assert m["peak_rss_bytes"] <= m["parent_peak_rss_bytes"] <= 1.1 * forker
+    for m in (r["memory"] for r in recs.values() if r.get("memory")):
+        own, parent = m["peak_rss_bytes"], m["parent_peak_rss_bytes"]
+        assert 0.9 * own <= parent <= 1.1 * max(own, forker), (own, parent, forker)
+        checked += own > forker
     assert checked >= 1  # the ballast cell at least
 
 
