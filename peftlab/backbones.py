@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .errors import PeftlabError
+from .system import drop_clean_file_pages
 from .util import default_device
 from .recipe import BackboneConfig
 
@@ -388,26 +389,13 @@ def load_model(
     return model
 
 
-def release_checkpoint_file(model: Any) -> None:
-    """Copy the CPU weights a quantized load left unquantized (embeddings, norms, the head) out of the
-    checkpoint's memory-mapped file, so the mapping closes. Quantizing read every float weight through
-    it, and while one tensor still points into the file, all those pages stay resident: the float
-    model in memory beside the quantized one."""
-    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, its copy): ties stay tied
-
-    def copy_of(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in copies:
-            copies[id(t)] = (t, t.data.clone())
-        return copies[id(t)][1]
-
-    with torch.no_grad():
-        for module in model.modules():
-            for p in module._parameters.values():
-                if type(p) is torch.nn.Parameter and p.device.type == "cpu":  # not bitsandbytes' own types
-                    p.data = copy_of(p)
-            for name, b in module._buffers.items():
-                if b is not None and b.device.type == "cpu":
-                    module._buffers[name] = copy_of(b)
+def release_checkpoint_file(model: Any) -> int:
+    """Drop the checkpoint's pages that a quantized load read (to quantize every float weight) from
+    resident memory, where the weights it left unquantized (embeddings, norms, the head) still point
+    into the memory-mapped file: they stay mapped, as in a float load, and only what is touched again
+    (for embeddings: the rows of tokens the data has) comes back. Returns the bytes dropped."""
+    addresses = [t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu"]
+    return drop_clean_file_pages(addresses)
 
 
 def keep_4bit_layout(model: Any) -> None:

@@ -3,6 +3,7 @@ full precision, compute dtype, parameter counts, and LoRA / DoRA training + save
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -245,21 +246,25 @@ def test_qlora_on_real_minilm_intents(banking_small, tmp_path):
         assert torch.equal(run.model(**batch).logits, load_run(out).model(**batch).logits)
 
 
-def _file_mappings(folder: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's memory mappings of files in ``folder``."""
-    spans = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
+def _resident_in(folder: Path) -> tuple[int, list[tuple[int, int]]]:
+    """(resident bytes, address ranges) of this process's memory mappings of files in ``folder``."""
+    rss, spans, inside = 0, [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 6 and parts[5].startswith(str(folder)):
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            spans.append((lo, hi))
-    return spans
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            inside = len(parts) >= 6 and parts[5].startswith(str(folder))
+            if inside:
+                spans.append(tuple(int(x, 16) for x in parts[0].split("-")))
+        elif inside and parts[0] == "Rss:":
+            rss += int(parts[1]) * 1024
+    return rss, spans
 
 
 @pytest.mark.parametrize("quantization", ["int8", "nf4"])
-def test_quantized_load_keeps_nothing_in_the_checkpoint_file(tiny_llama, quantization, monkeypatch):
-    """The tensors left unquantized are copied out of the memory-mapped checkpoint (whose pages the
-    quantization read); ties stay tied and the model computes the same."""
+def test_quantized_load_drops_the_checkpoint_pages_it_read(tiny_llama, quantization, monkeypatch):
+    """Quantizing reads every float weight of the memory-mapped checkpoint; the load then drops those
+    pages from resident memory. The weights left unquantized still point into the file (as a float
+    load's do), ties stay tied, and the model computes the same."""
     import peftlab.backbones as backbones
 
     cfg = BackboneConfig(name=str(tiny_llama), quantization=quantization)
@@ -267,18 +272,40 @@ def test_quantized_load_keeps_nothing_in_the_checkpoint_file(tiny_llama, quantiz
 
     def load(release: bool):
         if not release:
-            monkeypatch.setattr(backbones, "release_checkpoint_file", lambda model: None)
+            monkeypatch.setattr(backbones, "release_checkpoint_file", lambda model: 0)
         model = load_model(cfg, "AutoModelForCausalLM", device=torch.device("cpu"))
         monkeypatch.undo()
+        resident, spans = _resident_in(tiny_llama)
         floats = [t for t in [*model.parameters(), *model.buffers()] if type(t) is not bnb.nn.Int8Params
                   and type(t) is not bnb.nn.Params4bit and t.is_floating_point()]
-        in_file = [t for t in floats if any(lo <= t.data_ptr() < hi for lo, hi in _file_mappings(tiny_llama))]
+        in_file = [t for t in floats if any(lo <= t.data_ptr() < hi for lo, hi in spans)]
         with torch.no_grad():
-            return model, in_file, model(input_ids=ids).logits
+            return model, resident, in_file, model(input_ids=ids).logits
 
-    plain, in_file, before = load(release=False)
-    assert in_file  # without it, unquantized weights point into the file (the check can fail)
-    model, in_file, after = load(release=True)
-    assert in_file == []
+    plain, resident, in_file, before = load(release=False)
+    assert in_file and resident > 0  # the unquantized weights point into the file, its pages resident
+    del plain, in_file  # its mapping closes
+    gc.collect()
+    model, resident, in_file, after = load(release=True)
+    assert in_file and resident == 0
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert torch.equal(before, after)
+    assert _resident_in(tiny_llama)[0] > 0  # the forward read the pages it needed back
+
+
+def test_only_unwritten_file_pages_are_dropped(tmp_path):
+    """A mapping with a page written in memory keeps its pages (dropping them would undo the write);
+    an unwritten one has its pages dropped and reads back the file's bytes."""
+    from peftlab.system import drop_clean_file_pages
+
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    clean = torch.from_file(str(path), shared=False, size=2**20, dtype=torch.uint8)
+    written = torch.from_file(str(path), shared=False, size=2**20, dtype=torch.uint8)
+    assert int(clean.sum()) == int(written.sum())  # both read in: resident
+    written[0] = 7
+    assert _resident_in(tmp_path)[0] >= 2 * 2**20
+    dropped = drop_clean_file_pages([clean.data_ptr(), written.data_ptr()])
+    assert dropped == 2**20
+    assert int(written[0]) == 7 and int(clean[0]) == 0
+    assert torch.equal(clean, torch.tensor(list(range(256)) * 4096, dtype=torch.uint8))
