@@ -14,7 +14,6 @@ tensors; only where the memory comes from changes.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import threading
 import weakref
@@ -23,10 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .system import libc_function
+from .system import madvise_dontneed
 
 
-_MADV_DONTNEED = 4  # Linux
 _KEEP_SLACK = 1 << 18  # a tail under 256 KiB stays resident
 
 
@@ -81,12 +79,9 @@ def _take(nbytes: int) -> _Slot:
 
 def _discard(start: int, length: int) -> bool:
     """Give the whole pages in ``[start, start + length)`` back to the OS; False where it cannot."""
-    madvise = libc_function("madvise")
     page = mmap.PAGESIZE
     first, end = -(-start // page) * page, (start + length) // page * page
-    if madvise is None or end <= first:
-        return False
-    return madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), _MADV_DONTNEED) == 0
+    return end > first and madvise_dontneed(first, end - first)
 
 
 def release() -> int:

@@ -107,29 +107,32 @@ def release_free_memory() -> bool:
 MADV_DONTNEED = 4  # Linux madvise advice
 
 
+def madvise_dontneed(start: int, length: int) -> bool:
+    """``madvise(start, length, MADV_DONTNEED)``: the pages leave resident memory (anonymous ones
+    read back as zeros, unwritten file pages as the file's bytes); False where that fails."""
+    import ctypes
+
+    madvise = libc_function("madvise")
+    return madvise is not None and madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_DONTNEED) == 0
+
+
 def drop_clean_file_pages(addresses: "list[int]") -> int:
     """Drop from this process's resident memory the pages of each file mapping that holds one of
     ``addresses`` and has none of its pages written (``Anonymous: 0 kB`` in /proc/self/smaps), so the
-    page contents stay the file's. They are read back from the page cache when touched again
-    (``madvise(MADV_DONTNEED)``). Returns the resident bytes dropped; 0 off Linux.
+    page contents stay the file's and are read back from the page cache when touched again. Returns
+    the resident bytes dropped; 0 off Linux.
 
     A quantized load reads every float weight of the memory-mapped checkpoint to quantize it, and
     those pages stay resident although only the unquantized ones (embeddings, norms) are used again,
     and of the embeddings only the rows of tokens the data has."""
-    madvise = libc_function("madvise")
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
         return 0
-    if madvise is None:
-        return 0
-    import ctypes
-
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
     for lo, hi, fields in _file_mappings(text):
         if fields.get("Anonymous") == 0 and fields.get("Rss", 0) > 0 and any(lo <= a < hi for a in addresses):
-            if madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+            if madvise_dontneed(lo, hi - lo):
                 dropped += fields["Rss"]
     return dropped
 

@@ -205,3 +205,38 @@ def test_trained_adapter_loads_in_plain_peft(tiny_bert, wnut_small, tmp_path):
     batch = {k: v for k, v in _batch().items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(run.model(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(384, 1536), (1536, 384)])
+def test_int8_evaluation_is_bitsandbytes_own_a_block_at_a_time(monkeypatch, shape):
+    """Evaluating an int8 layer on a CPU computes what bitsandbytes' forward does, bit for bit, also
+    where a block of rows holds none of the batch's outlier columns (found over the whole input)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(*shape)
+    layer = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0)
+    layer.load_state_dict(plain.state_dict())
+    layer = layer.to("cpu").eval()
+    x = torch.randn(3, 50, shape[0])
+    x[1, 3, 7], x[2, 40, 11] = 9.0, -12.0  # outliers in two rows only
+    monkeypatch.setattr(lora_fast, "_INT8_BLOCK_ELEMENTS", 8 * max(shape))  # blocks of 8 rows
+    with torch.no_grad():
+        assert lora_fast._frozen_int8_eval(layer, x)
+        assert torch.equal(lora_fast._int8_inference(layer, x), layer(x))
+        layer.state.threshold = 0.0  # no outlier columns at all
+        assert torch.equal(lora_fast._int8_inference(layer, x), layer(x))
+    assert not lora_fast._frozen_int8_eval(layer, x)  # gradients on: bitsandbytes' own forward
+
+
+def test_int8_model_evaluates_as_with_peft(tiny_bert, monkeypatch):
+    model = _peft_bert(tiny_bert, 0.1, "int8")
+    model.eval()
+    batch = _batch(n=4, length=9)
+    monkeypatch.setattr(lora_fast, "_INT8_BLOCK_ELEMENTS", 64)
+    calls, real = [], lora_fast._int8_inference
+    monkeypatch.setattr(lora_fast, "_int8_inference", lambda base, x: calls.append(1) or real(base, x))
+    with torch.no_grad():
+        ref = model(**batch).logits
+        lora_fast.install(model)
+        fast = model(**batch).logits
+    assert torch.equal(fast, ref) and len(calls) == len(lora_fast.lora_layers(model))

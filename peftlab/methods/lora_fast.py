@@ -15,6 +15,8 @@ layer's dropped copy of its input plus the mask. This path, installed on the lay
   rank-``r`` activation (nothing of the frozen matmul's own);
 * does the same on a frozen int8 base in training on a CPU, with the weight dequantized as
   bitsandbytes' own CPU training matmul does (which keeps the layer's input for backward);
+* evaluates a frozen int8 base on a CPU with bitsandbytes' own inference ops, a block of rows at a
+  time (its CPU kernels make several temporaries the size of the whole output);
 * on other bases (4-bit, int8 on GPUs) leaves the base layer to its own forward and backward.
 
 The parameters stay peft's ``lora_A`` / ``lora_B`` modules, so saving, loading, merging and peft's
@@ -32,6 +34,9 @@ import torch
 from .. import cpu_buffers
 from ..dropout import masked
 from .lora_inputs import SharedDropout, layer_norm_eps
+
+
+_INT8_BLOCK_ELEMENTS = 1 << 20  # int8 evaluation: rows of at most 4 MiB of float output at a time
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -125,7 +130,7 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if int8 is not None:  # the same, on int8 rows: bitsandbytes' own function would keep x for backward
         dropped, keep, again = shared(x, p)
         return _LoraLinear.apply(x, dropped, keep, *int8, weight_a, weight_b, gain, again)
-    result = self.base_layer(x)
+    result = _int8_inference(base, x) if _frozen_int8_eval(base, x) else self.base_layer(x)
     x = x.to(weight_a.dtype)
     dropped, keep, again = shared(x, p)
     branch = _LoraLinear.apply(x, dropped, keep, None, None, None, weight_a, weight_b, gain, again)
@@ -160,6 +165,52 @@ def _frozen_int8_training(base: Any, x: torch.Tensor, weight_a: torch.Tensor) ->
     if base.bias is not None and base.bias.dtype != x.dtype:
         base.bias.data = base.bias.data.to(x.dtype)
     return state.CB, state.SCB, base.bias
+
+
+def _frozen_int8_eval(base: Any, x: torch.Tensor) -> bool:
+    """A frozen bitsandbytes ``Linear8bitLt`` evaluated on a CPU without gradients."""
+    return (type(base).__name__ == "Linear8bitLt" and not base.training and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not base.state.has_fp16_weights and x.dim() >= 2)
+
+
+def _int8_inference(base: Any, x: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes' ``MatMul8bitLt`` computes for ``base(x)`` without gradients (rows quantized
+    to int8 by their absmax, with the batch's outlier columns, those holding a value of at least the
+    threshold, computed in float), done a block of rows at a time into one output. The outlier
+    columns are found over the whole input first, as bitsandbytes does."""
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    if base.weight.CB is not None:  # what bitsandbytes' forward does first
+        base.init_8bit_state()
+    state, bias = base.state, base.bias
+    if bias is not None and bias.dtype != x.dtype:
+        base.bias.data = bias = bias.data.to(x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty((flat.shape[0], state.CB.shape[0]), dtype=x.dtype, device=x.device)
+    step = max(1, _INT8_BLOCK_ELEMENTS // max(out.shape[1], flat.shape[1]))
+    cols = _outlier_columns(flat, state.threshold, step)
+    for i in range(0, flat.shape[0], step):
+        rows = flat[i:i + step]
+        quantized, scale, _ = int8_vectorwise_quant(rows.to(torch.float16), threshold=state.threshold)
+        if cols is None:
+            out[i:i + step] = torch.ops.bitsandbytes.int8_scaled_mm(quantized, state.CB, scale, state.SCB,
+                                                                    bias=bias, dtype=x.dtype)
+            continue
+        quantized[:, cols] = 0  # the batch's outlier columns, not only this block's
+        out[i:i + step] = torch.ops.bitsandbytes.int8_mixed_scaled_mm(rows, quantized, state.CB, scale, state.SCB,
+                                                                      cols, bias)[0]
+    return out.view(*x.shape[:-1], out.shape[1])
+
+
+def _outlier_columns(flat: torch.Tensor, threshold: float, step: int) -> Optional[torch.Tensor]:
+    """Indices of the columns of ``flat`` (as float16) holding a value of magnitude >= ``threshold``;
+    None without a threshold."""
+    if threshold <= 0.0:
+        return None
+    hit = torch.zeros(flat.shape[1], dtype=torch.bool, device=flat.device)
+    for i in range(0, flat.shape[0], step):
+        hit |= (flat[i:i + step].to(torch.float16).abs() >= threshold).any(dim=0)
+    return torch.argwhere(hit).view(-1)
 
 
 def lora_layers(model: Any) -> list[Any]:
