@@ -86,16 +86,18 @@ def _graph_nodes(tensor) -> set[str]:
     return names
 
 
-def test_int8_base_keeps_nothing_of_its_own_for_backward(tiny_bert):
+@pytest.mark.parametrize("quantization, own", [("int8", "MatMul8bitFpBackward"), ("nf4", "MatMul4BitBackward")])
+def test_quantized_base_runs_with_its_branch_in_one_function(tiny_bert, quantization, own):
     """On a CPU, bitsandbytes trains an int8 layer with ``MatMul8bitFp``, which keeps the layer's
-    input for backward although the weight is frozen; the fast path computes that matmul itself."""
-    model = _peft_bert(tiny_bert, 0.1, "int8")
+    input for backward although the weight is frozen, and a 4-bit one apart from the LoRA branch (more
+    output-sized temporaries); the fast path computes the dequantized matmul with the branch itself."""
+    model = _peft_bert(tiny_bert, 0.1, quantization)
     model.train()
     batch = _batch()
-    assert "MatMul8bitFpBackward" in _graph_nodes(model(**batch).loss)
+    assert own in _graph_nodes(model(**batch).loss)
     lora_fast.install(model)
     nodes = _graph_nodes(model(**batch).loss)
-    assert "MatMul8bitFpBackward" not in nodes and "_LoraLinearBackward" in nodes
+    assert own not in nodes and "_LoraLinearBackward" in nodes
 
 
 def test_dropout_gradients_match_peft_under_the_same_mask(tiny_bert):

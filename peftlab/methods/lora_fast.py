@@ -15,9 +15,13 @@ layer's dropped copy of its input plus the mask. This path, installed on the lay
   rank-``r`` activation (nothing of the frozen matmul's own);
 * does the same on a frozen int8 base in training on a CPU, with the weight dequantized as
   bitsandbytes' own CPU training matmul does (which keeps the layer's input for backward);
+* does the same on a frozen 4-bit base in training on a CPU, with the weight dequantized as
+  bitsandbytes does (its own function runs the base apart from the branch: more output-sized
+  temporaries);
 * evaluates a frozen int8 base on a CPU with bitsandbytes' own inference ops, a block of rows at a
   time (its CPU kernels make several temporaries the size of the whole output);
-* on other bases (4-bit, int8 on GPUs) leaves the base layer to its own forward and backward.
+* on other bases (GPUs' quantized layers, 4-bit in evaluation) leaves the base layer to its own
+  forward and backward.
 
 The parameters stay peft's ``lora_A`` / ``lora_B`` modules, so saving, loading, merging and peft's
 parameter counts are unchanged. Layers this path does not cover (DoRA, a LoRA bias, several active
@@ -90,11 +94,16 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def _dense(weight: torch.Tensor, row_scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The float weight: ``weight`` itself, or int8 rows times their absmax / 127 (bitsandbytes'
-    ``MatMul8bitFp`` expression)."""
-    if row_scale is None:
+    """The float weight: ``weight`` itself, int8 rows times their absmax / 127 (bitsandbytes'
+    ``MatMul8bitFp`` expression), or a 4-bit weight dequantized (what ``MatMul4Bit`` computes with)."""
+    if row_scale is not None:
+        return weight.to(dtype).mul_(row_scale.unsqueeze(1).mul(1.0 / 127.0))
+    state = getattr(weight, "quant_state", None)
+    if state is None:
         return weight
-    return weight.to(dtype).mul_(row_scale.unsqueeze(1).mul(1.0 / 127.0))
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight, state).to(dtype)
 
 
 def _fast_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
@@ -126,10 +135,10 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if _frozen_float(base, x, weight_a):  # one function for the base matmul and the branch
         dropped, keep, again = shared(x, p)
         return _LoraLinear.apply(x, dropped, keep, base.weight, None, base.bias, weight_a, weight_b, gain, again)
-    int8 = _frozen_int8_training(base, x, weight_a)
-    if int8 is not None:  # the same, on int8 rows: bitsandbytes' own function would keep x for backward
+    quantized = _frozen_int8_training(base, x, weight_a) or _frozen_4bit_training(base, x, weight_a)
+    if quantized is not None:  # the same, on int8 rows (bitsandbytes' own function would keep x) or 4-bit
         dropped, keep, again = shared(x, p)
-        return _LoraLinear.apply(x, dropped, keep, *int8, weight_a, weight_b, gain, again)
+        return _LoraLinear.apply(x, dropped, keep, *quantized, weight_a, weight_b, gain, again)
     result = _int8_inference(base, x) if _frozen_int8_eval(base, x) else self.base_layer(x)
     x = x.to(weight_a.dtype)
     dropped, keep, again = shared(x, p)
@@ -165,6 +174,22 @@ def _frozen_int8_training(base: Any, x: torch.Tensor, weight_a: torch.Tensor) ->
     if base.bias is not None and base.bias.dtype != x.dtype:
         base.bias.data = base.bias.data.to(x.dtype)
     return state.CB, state.SCB, base.bias
+
+
+def _frozen_4bit_training(base: Any, x: torch.Tensor, weight_a: torch.Tensor) -> Optional[tuple]:
+    """(4-bit weight, None, bias) of a frozen bitsandbytes ``Linear4bit`` in training on a CPU, computing
+    in the adapter's dtype, in bitsandbytes' standard layout; None elsewhere."""
+    if type(base).__name__ != "Linear4bit" or not base.training or x.device.type != "cpu":
+        return None
+    weight, bias = base.weight, base.bias
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or weight.requires_grad:
+        return None
+    if base.compute_dtype not in (None, x.dtype) or x.dtype != weight_a.dtype:
+        return None
+    if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
+        return None
+    return weight, None, bias
 
 
 def _frozen_int8_eval(base: Any, x: torch.Tensor) -> bool:
