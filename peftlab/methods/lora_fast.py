@@ -166,14 +166,20 @@ def _frozen_int8_training(base: Any, x: torch.Tensor, weight_a: torch.Tensor) ->
         return None
     if base.bias is not None and base.bias.requires_grad:
         return None
-    if base.weight.CB is not None:  # what bitsandbytes' forward does first
-        base.init_8bit_state()
+    _int8_ready(base, x.dtype)
     if state.CB is None or state.SCB is None:
         return None
     state.is_training = True
-    if base.bias is not None and base.bias.dtype != x.dtype:
-        base.bias.data = base.bias.data.to(x.dtype)
     return state.CB, state.SCB, base.bias
+
+
+def _int8_ready(base: Any, dtype: torch.dtype) -> None:
+    """What bitsandbytes' ``Linear8bitLt`` forward does first: move the int8 rows into the layer's
+    state and cast the bias to the input's dtype."""
+    if base.weight.CB is not None:
+        base.init_8bit_state()
+    if base.bias is not None and base.bias.dtype != dtype:
+        base.bias.data = base.bias.data.to(dtype)
 
 
 def _frozen_4bit_training(base: Any, x: torch.Tensor, weight_a: torch.Tensor) -> Optional[tuple]:
@@ -205,11 +211,8 @@ def _int8_inference(base: Any, x: torch.Tensor) -> torch.Tensor:
     columns are found over the whole input first, as bitsandbytes does."""
     from bitsandbytes.functional import int8_vectorwise_quant
 
-    if base.weight.CB is not None:  # what bitsandbytes' forward does first
-        base.init_8bit_state()
+    _int8_ready(base, x.dtype)
     state, bias = base.state, base.bias
-    if bias is not None and bias.dtype != x.dtype:
-        base.bias.data = bias = bias.data.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty((flat.shape[0], state.CB.shape[0]), dtype=x.dtype, device=x.device)
     step = max(1, _INT8_BLOCK_ELEMENTS // max(out.shape[1], flat.shape[1]))
