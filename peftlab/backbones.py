@@ -385,11 +385,11 @@ def load_model(
     if cfg.quantization in ("nf4", "fp4"):
         keep_4bit_layout(model)
     if cfg.quantization != "none":
-        release_checkpoint_file(model)
+        drop_checkpoint_pages(model)
     return model
 
 
-def release_checkpoint_file(model: Any) -> int:
+def drop_checkpoint_pages(model: Any) -> int:
     """Drop the checkpoint's pages that a quantized load read (to quantize every float weight) from
     resident memory, where the weights it left unquantized (embeddings, norms, the head) still point
     into the memory-mapped file: they stay mapped, as in a float load, and only what is touched again

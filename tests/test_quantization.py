@@ -272,7 +272,7 @@ def test_quantized_load_drops_the_checkpoint_pages_it_read(tiny_llama, quantizat
 
     def load(release: bool):
         if not release:
-            monkeypatch.setattr(backbones, "release_checkpoint_file", lambda model: 0)
+            monkeypatch.setattr(backbones, "drop_checkpoint_pages", lambda model: 0)
         model = load_model(cfg, "AutoModelForCausalLM", device=torch.device("cpu"))
         monkeypatch.undo()
         resident, spans = _resident_in(tiny_llama)
