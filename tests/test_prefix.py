@@ -14,6 +14,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods.prefix import (
     PrefixOptions,
     add_prefix,
+    find_attention_modules,
     get_prefix_encoder,
     prefix_attention,
     prefix_disabled,
@@ -244,6 +245,52 @@ def test_unsupported_attention_implementation_is_refused():
         add_prefix(model, PrefixOptions())
     with pytest.raises(PeftlabError, match="method.attention_module: no module 'nope'"):
         add_prefix(tiny_llama(), PrefixOptions(attention_module="nope"))
+
+
+def _spy_all_layers(monkeypatch) -> dict:
+    """Record every attention module's keys and values as its sdpa call receives them."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    real, seen = ALL_ATTENTION_FUNCTIONS["sdpa"], {}
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.setdefault(module, torch.stack([key[0], value[0]]).clone())
+        return real(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_vocab_init_is_the_frozen_models_keys_and_values_for_drawn_tokens(tiny_bert, monkeypatch, kind):
+    """init: vocab -> each layer's prefix is the (key, value) that layer computes for P token ids drawn
+    with torch's generator (keys after RoPE for Llama, grouped key/value heads kept)."""
+    P = 5
+    model = tiny_bert_model(tiny_bert, "BertForTokenClassification", num_labels=3) if kind == "bert" else tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    attention = [m for _, m in find_attention_modules(model, PrefixOptions())]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    torch.manual_seed(11)
+    ids = torch.randint(0, vocab, (1, P))
+    seen = _spy_all_layers(monkeypatch)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    expected = torch.stack([seen[m] for m in attention])  # (L, 2, n_kv, P, head_dim)
+    model.train()
+    torch.manual_seed(11)
+    encoder = add_prefix(model, PrefixOptions(num_virtual_tokens=P, init="vocab"))
+    assert encoder.prefix.shape == expected.shape
+    assert torch.allclose(encoder.prefix, expected, atol=1e-6)
+    assert expected.abs().max() > 0.1  # not the random init's scale
+    assert model.training and encoder.enabled and encoder.prefix.requires_grad
+    model(input_ids=ids).logits.sum().backward()
+    assert encoder.prefix.grad.abs().sum() > 0
+
+
+def test_vocab_init_with_reparameterize_is_refused(tiny_bert, wnut_small, tmp_path):
+    method = {"name": "prefix", "init": "vocab", "reparameterize": True}
+    with pytest.raises(PeftlabError, match="method: .*init 'vocab' sets the prefix itself"):
+        recipe_from_dict(ner_recipe(tiny_bert, wnut_small, tmp_path / "x", method))
 
 
 # ------------------------------------------------------------------------- training and reloading

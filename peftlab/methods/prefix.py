@@ -38,10 +38,10 @@ import inspect
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..backbones import find_layers
@@ -65,6 +65,13 @@ ATTENTION_CANDIDATES = (
 
 class PrefixOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _init_needs_direct_prefix(self) -> "PrefixOptions":
+        if self.init == "vocab" and self.reparameterize:
+            raise ValueError("init 'vocab' sets the prefix itself; it cannot be used with reparameterize: true")
+        return self
+
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix length P (key/value vectors per layer).")
     reparameterize: bool = Field(
         False, description="Train the prefix through an MLP (Li & Liang 2021); only the prefix is saved."
@@ -72,6 +79,11 @@ class PrefixOptions(BaseModel):
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden size of the reparameterisation MLP.")
     init_std: float = Field(
         0.02, ge=0, description="Std of the random normal init of the prefix (without reparameterize)."
+    )
+    init: Literal["random", "vocab"] = Field(
+        "random",
+        description="random: normal(0, init_std); vocab: the keys and values the frozen model computes for "
+        "P tokens drawn from its vocabulary (real-word activations, Li & Liang 2021; without reparameterize).",
     )
     attention_module: Optional[str] = Field(
         None,
@@ -101,7 +113,8 @@ class PrefixEncoder(nn.Module):
                 nn.Linear(options.encoder_hidden_size, layers * self.width),
             )
         else:
-            self.prefix = nn.Parameter(torch.randn(layers, 2, kv_heads, P, head_dim) * options.init_std)
+            shape = (layers, 2, kv_heads, P, head_dim)  # init 'vocab' fills it in after the model is wired
+            self.prefix = nn.Parameter(torch.zeros(shape) if options.init == "vocab" else torch.randn(shape) * options.init_std)
 
     @property
     def width(self) -> int:
@@ -135,6 +148,7 @@ class _Slot:
 
     def __init__(self, encoder: PrefixEncoder, index: int, where: str):
         self.encoder, self.index, self.where = encoder, index, where
+        self.captured: Optional[list] = None
 
 
 class AttentionConfigView:
@@ -244,6 +258,8 @@ def prefix_attention(
     implementation = config.base_attn_implementation if isinstance(config, AttentionConfigView) else None
     inner = _inner_attention(module, implementation)
     slot: Optional[_Slot] = module.__dict__.get(SLOT_ATTR)
+    if slot is not None and slot.captured is not None:  # init_from_vocab's forward: keep the layer's keys/values
+        slot.captured.append(torch.stack([key[0], value[0]]).detach())
     if slot is None or not slot.encoder.enabled:
         return inner(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("position_bias") is not None:
@@ -352,10 +368,36 @@ def add_prefix(model: nn.Module, options: PrefixOptions) -> PrefixEncoder:
     embed_dim = int(getattr(model.config, "hidden_size", kv_heads * head_dim))
     encoder = PrefixEncoder(len(modules), kv_heads, head_dim, options, embed_dim).to(_device_of(model))
     setattr(model, ENCODER_NAME, encoder)
+    slots = []
     for index, (where, module) in enumerate(modules):
-        module.__dict__[SLOT_ATTR] = _Slot(encoder, index, where)
+        slots.append(_Slot(encoder, index, where))
+        module.__dict__[SLOT_ATTR] = slots[-1]
         module.config = AttentionConfigView(module.config)
+    if options.init == "vocab":
+        init_from_vocab(model, encoder, slots)
     return encoder
+
+
+def init_from_vocab(model: nn.Module, encoder: PrefixEncoder, slots: list[_Slot]) -> None:
+    """Set the prefix to the keys/values the frozen model computes at each layer for ``P`` token ids
+    drawn (torch's generator, so the run's seed) from its vocabulary."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, (1, encoder.num_virtual_tokens)).to(_device_of(model))
+    was_training, encoder.enabled = model.training, False
+    for slot in slots:
+        slot.captured = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        kv = torch.stack([slot.captured[0] for slot in slots])  # (L, 2, n_kv, P, head_dim)
+    finally:
+        for slot in slots:
+            slot.captured = None
+        encoder.enabled = True
+        model.train(was_training)
+    with torch.no_grad():
+        encoder.prefix.copy_(kv.to(encoder.prefix.dtype))
 
 
 def get_prefix_encoder(model: nn.Module) -> PrefixEncoder:
@@ -414,7 +456,7 @@ class Prefix(Method):
     def load(self, folder: Path, ctx: MethodContext) -> Any:
         from safetensors.torch import load_file
 
-        inference = self.options.model_copy(update={"reparameterize": False, "init_std": 0.0})
+        inference = self.options.model_copy(update={"reparameterize": False, "init_std": 0.0, "init": "random"})
         model = self._apply(ctx.load_base(), ctx, inference)
         load_trainable_state(model, load_file(str(Path(folder) / STATE_FILE)), str(folder))
         return model
