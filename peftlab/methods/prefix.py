@@ -66,12 +66,6 @@ ATTENTION_CANDIDATES = (
 class PrefixOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    @model_validator(mode="after")
-    def _init_needs_direct_prefix(self) -> "PrefixOptions":
-        if self.init == "vocab" and self.reparameterize:
-            raise ValueError("init 'vocab' sets the prefix itself; it cannot be used with reparameterize: true")
-        return self
-
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix length P (key/value vectors per layer).")
     reparameterize: bool = Field(
         False, description="Train the prefix through an MLP (Li & Liang 2021); only the prefix is saved."
@@ -90,6 +84,12 @@ class PrefixOptions(BaseModel):
         description="Self-attention module relative to one layer (e.g. attention.self, self_attn); "
         "default: detected from the architecture.",
     )
+
+    @model_validator(mode="after")
+    def _init_needs_direct_prefix(self) -> "PrefixOptions":
+        if self.init == "vocab" and self.reparameterize:
+            raise ValueError("init 'vocab' sets the prefix itself; it cannot be used with reparameterize: true")
+        return self
 
 
 # ---------------------------------------------------------------------------------- the parameters
