@@ -211,8 +211,9 @@ def test_trained_adapter_loads_in_plain_peft(tiny_bert, wnut_small, tmp_path):
 
 @pytest.mark.parametrize("shape", [(384, 1536), (1536, 384)])
 def test_int8_evaluation_is_bitsandbytes_own_a_block_at_a_time(monkeypatch, shape):
-    """Evaluating an int8 layer on a CPU computes what bitsandbytes' forward does, bit for bit, also
-    where a block of rows holds none of the batch's outlier columns (found over the whole input)."""
+    """Evaluating an int8 layer on a CPU computes what bitsandbytes' forward does, also where a block of
+    rows holds none of the batch's outlier columns (found over the whole input). Equal to float
+    rounding: the float matmul of the outlier columns may round a last, shorter block by one ulp."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     plain = torch.nn.Linear(*shape)
@@ -224,9 +225,12 @@ def test_int8_evaluation_is_bitsandbytes_own_a_block_at_a_time(monkeypatch, shap
     monkeypatch.setattr(lora_fast, "_INT8_BLOCK_ELEMENTS", 8 * max(shape))  # blocks of 8 rows
     with torch.no_grad():
         assert lora_fast._frozen_int8_eval(layer, x)
-        assert torch.equal(lora_fast._int8_inference(layer, x), layer(x))
+        with_outliers = lora_fast._int8_inference(layer, x)
+        torch.testing.assert_close(with_outliers, layer(x), rtol=1e-6, atol=1e-6)
         layer.state.threshold = 0.0  # no outlier columns at all
-        assert torch.equal(lora_fast._int8_inference(layer, x), layer(x))
+        torch.testing.assert_close(lora_fast._int8_inference(layer, x), layer(x), rtol=1e-6, atol=1e-6)
+        # the tolerance is far below what quantizing the outlier columns to int8 changes
+        assert (with_outliers - layer(x)).abs().max() > 1e-3
     assert not lora_fast._frozen_int8_eval(layer, x)  # gradients on: bitsandbytes' own forward
 
 
