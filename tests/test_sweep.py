@@ -127,3 +127,25 @@ def test_without_ray_a_sweep_says_how_to_install_it(tmp_path, tiny_bert, wnut_sm
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         "peftlab: error: --executor ray / peftlab sweep: Ray is not installed (pip install -e '.[ray]')")
+
+
+def test_search_table_marks_keys_a_configuration_does_not_vary():
+    """Two searches in one spec: the second varies only train.lr, so its trials show "–" for the
+    prefix length (their recipe's value ran), and the best line names only what that trial varied."""
+    from types import SimpleNamespace
+
+    from peftlab.bench.search import search_lines
+
+    def trial(cell, axes, dev, test):
+        return {"cell": cell, "config": cell, "axes": axes, "status": "ok",
+                "dev": {"exact_match": dev}, "test": {"exact_match": test}}
+
+    s = SimpleNamespace(metric="exact_match", metric_mode="max", stopped=[], ok=[
+        trial("short-000", {"method.num_virtual_tokens": 10, "train.lr": 0.09}, 0.35, 0.34),
+        trial("short-001", {"method.num_virtual_tokens": 20, "train.lr": 0.15}, 0.33, 0.31),
+        trial("long-lr=0.097", {"train.lr": 0.097}, 0.64, 0.63)])
+    md = "\n".join(search_lines(s, {}))
+    assert "| long-lr=0.097 | – | 0.097 | 0.6400 | 0.6300 | ok |" in md, md
+    assert "| short-001 | 20 | 0.15 | 0.3300 | 0.3100 | ok |" in md, md
+    assert "`long-lr=0.097` (train.lr 0.097): dev exact_match 0.6400" in md, md
+    assert "None" not in md and "–: not varied in that configuration" in md

@@ -41,7 +41,8 @@ def _best(s: Summary, trials: list[dict]) -> Optional[dict]:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A key's value; "–" where a configuration does not vary that key (its recipe's value ran)."""
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def search_lines(s: Summary, plots: dict[str, str]) -> list[str]:
@@ -54,7 +55,7 @@ def search_lines(s: Summary, plots: dict[str, str]) -> list[str]:
     best = _best(s, trials)
     if best is not None:
         axes = best["record"].get("axes") or {}
-        values = ", ".join(f"{k} {_fmt(axes.get(k))}" for k in keys)
+        values = ", ".join(f"{k} {_fmt(axes[k])}" for k in keys if k in axes)
         test = (best["record"].get("test") or {}).get(m)
         lines += [f"Best by dev {m} ({'lower' if s.metric_mode == 'min' else 'higher'} is better): "
                   f"`{best['config']}` ({values}): dev {m} {best['dev']:.4f}"
@@ -66,6 +67,8 @@ def search_lines(s: Summary, plots: dict[str, str]) -> list[str]:
         lines.append(f"| {r['cell']} | " + " | ".join(_fmt((r.get('axes') or {}).get(k)) for k in keys)
                      + f" | {r['dev'][m]:.4f} | {'' if test is None else f'{test:.4f}'} | "
                      + ("stopped early" if r.get("status") == "stopped" else "ok") + " |")
+    if any(k not in (r.get("axes") or {}) for r in trials for k in keys):
+        lines.append("\n–: not varied in that configuration (its recipe's value, with the configuration's overrides).")
     lines.append("")
     for caption, name in plots.items():
         lines += [f"![{caption}]({name})", ""]
