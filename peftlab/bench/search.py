@@ -41,8 +41,14 @@ def _best(s: Summary, trials: list[dict]) -> Optional[dict]:
 
 
 def _fmt(v: Any) -> str:
-    """A key's value; "–" where a configuration does not vary that key (its recipe's value ran)."""
-    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _axis(r: dict, key: str) -> str:
+    """A trial's value of ``key``; "–" where its configuration does not vary that key (its recipe's
+    value ran). A key varied to null still reads None."""
+    axes = r.get("axes") or {}
+    return _fmt(axes[key]) if key in axes else "–"
 
 
 def search_lines(s: Summary, plots: dict[str, str]) -> list[str]:
@@ -64,7 +70,7 @@ def search_lines(s: Summary, plots: dict[str, str]) -> list[str]:
               "|---|" + "---:|" * (len(keys) + 2) + "---|"]
     for r in sorted(trials, key=lambda r: r["cell"]):
         test = (r.get("test") or {}).get(m)
-        lines.append(f"| {r['cell']} | " + " | ".join(_fmt((r.get('axes') or {}).get(k)) for k in keys)
+        lines.append(f"| {r['cell']} | " + " | ".join(_axis(r, k) for k in keys)
                      + f" | {r['dev'][m]:.4f} | {'' if test is None else f'{test:.4f}'} | "
                      + ("stopped early" if r.get("status") == "stopped" else "ok") + " |")
     if any(k not in (r.get("axes") or {}) for r in trials for k in keys):
