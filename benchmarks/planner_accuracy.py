@@ -10,7 +10,8 @@ code: the report names each record's commit. Speed is also compared with the pla
 recorded minutes before it trained (same machine, same session): this machine's speed drifts between
 sessions, so only that pair times the planner and the run under the same conditions. ``--measure N``
 instead runs each configuration now for N optimizer steps (with its evaluations) on this commit and
-compares with that run.
+compares with that run. Plans run with the CPU threads the configuration's cells trained with
+(`PEFTLAB_NUM_THREADS`; a sweep's trials share the machine's cores).
 Writes report.json and report.md (atomically) under ``--out``. Runs one process at a time; nothing
 else should run meanwhile (the planner times a few steps).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,21 +56,31 @@ def configurations(specs) -> list[dict]:
             key = (spec, r["config"])
             entry = out.setdefault(key, {"spec": spec, "config": r["config"], "recipe": r["recipe"],
                                          "overrides": [o for o in r["overrides"] if not o.startswith(DROP)],
-                                         "peaks": [], "speeds": [], "commits": set(), "in_run": []})
+                                         "peaks": [], "speeds": [], "commits": set(), "in_run": [], "threads": []})
             entry["peaks"].append(r["memory"]["peak_rss_bytes"])
             entry["speeds"].append(r["time"]["samples_per_s"])
             entry["commits"].add(r["git"]["commit"][:10])
+            entry["threads"].append(r["time"].get("threads_per_process") or 0)
             if (r.get("plan") or {}).get("samples_per_s"):  # the bench's own plan, made just before the cell
                 entry["in_run"].append((r["plan"]["samples_per_s"], r["time"]["samples_per_s"]))
     return list(out.values())
 
 
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftlab.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+def cell_threads(entry: dict) -> int:
+    """The CPU threads most of the configuration's cells trained with (0: not recorded)."""
+    return max(set(entry["threads"]), key=entry["threads"].count)
+
+
+def run(cmd: list[str], entry: dict) -> subprocess.CompletedProcess:
+    """``peftlab CMD`` with the threads the configuration's cells trained with (a sweep or a bench
+    running cells side by side gives each fewer than the machine's cores)."""
+    threads = cell_threads(entry)
+    env = {**os.environ, "PEFTLAB_NUM_THREADS": str(threads)} if threads else None
+    return subprocess.run([sys.executable, "-m", "peftlab.cli", *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
 def predict(entry: dict) -> dict:
-    done = run(["plan", entry["recipe"], *entry["overrides"], "--json"])
+    done = run(["plan", entry["recipe"], *entry["overrides"], "--json"], entry)
     if done.returncode not in (0, 1):
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout)
@@ -77,7 +89,7 @@ def predict(entry: dict) -> dict:
 def measure(entry: dict, steps: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="planner-accuracy-") as tmp:
         done = run(["train", entry["recipe"], *entry["overrides"], f"train.max_steps={steps}",
-                    "train.trackers=none", f"output.dir={tmp}/run"])
+                    "train.trackers=none", f"output.dir={tmp}/run"], entry)
         if done.returncode != 0:
             return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
         res = json.loads((Path(tmp) / "run" / "resources.json").read_text())
@@ -85,7 +97,8 @@ def measure(entry: dict, steps: int) -> dict:
 
 
 def row(entry: dict, plan: dict, measured: dict) -> dict:
-    r = {"spec": entry["spec"], "config": entry["config"], "recipe": entry["recipe"], "overrides": entry["overrides"]}
+    r = {"spec": entry["spec"], "config": entry["config"], "recipe": entry["recipe"], "overrides": entry["overrides"],
+         "threads": cell_threads(entry)}
     if "error" in plan or "error" in measured:
         return {**r, "error": plan.get("error") or measured.get("error")}
     r.update(predicted_peak_mib=plan["peak_bytes"] / 2**20, measured_peak_mib=measured["peak"] / 2**20,
@@ -140,18 +153,18 @@ def markdown(report: dict) -> str:
         f"{within('speed_error', 0.25)} of {len(rows)} predicted now; {within('in_run_speed_error', 0.25)} of "
         f"the {in_run} whose records carry the plan their bench made just before the cell (same machine and "
         "session: this machine's speed drifts between sessions, so that pair is the like-for-like one).", "",
-        "| report | configuration | predicted peak MiB | measured MiB | error | peak phase | predicted samples/s "
+        "| report | configuration | threads | predicted peak MiB | measured MiB | error | peak phase | predicted samples/s "
         "| measured | error | predicted in the run | error | records' commits |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|---|",
+        "|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|---|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['spec']} | {r['config']} | failed: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['spec']} | {r['config']} | {r['threads'] or '?'} | failed: {r['error']} | | | | | | | | | |")
             continue
         run = (f"{r['in_run_predicted_samples_per_s']:.1f} | {r['in_run_speed_error']:+.0%}"
                if "in_run_speed_error" in r else "- | -")
         lines.append(
-            f"| {r['spec']} | {r['config']} | {r['predicted_peak_mib']:,.0f} | {r['measured_peak_mib']:,.0f} | "
+            f"| {r['spec']} | {r['config']} | {r['threads'] or '?'} | {r['predicted_peak_mib']:,.0f} | {r['measured_peak_mib']:,.0f} | "
             f"{r['peak_error']:+.0%} | {r['peak_phase']} | {r['predicted_samples_per_s']:.1f} | "
             f"{r['measured_samples_per_s']:.1f} | {r['speed_error']:+.0%} | {run} | "
             f"{', '.join(r['commits'] or ['this one'])} |")

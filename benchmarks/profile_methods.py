@@ -70,7 +70,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
     from peftlab.recipe import load_recipe
     from peftlab.runs import build_model, parameter_report
     from peftlab.tasks import LengthGroupedEpochSampler, get_task_class
-    from peftlab.system import cpu_cores, set_mmap_threshold
+    from peftlab.system import run_threads, set_mmap_threshold
     from peftlab.training.optim import make_optimizer
 
     phases["imports"] = (rss_mib(), peak_mib())
@@ -81,7 +81,7 @@ def worker(recipe_path: str, overrides: list[str], steps: int) -> dict:
 
     device = PartialState().device
     if device.type == "cpu":
-        torch.set_num_threads(cfg.num_threads or cpu_cores())
+        torch.set_num_threads(run_threads(cfg.num_threads))
         if cfg.cpu_mmap_threshold_mb:
             set_mmap_threshold(cfg.cpu_mmap_threshold_mb)
     torch.manual_seed(cfg.seed)

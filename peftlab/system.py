@@ -10,7 +10,7 @@ import resource
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -20,6 +20,14 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def run_threads(num_threads: Optional[int] = None, processes: int = 1) -> int:
+    """The CPU threads one process of a run uses: ``train.num_threads`` if set, else the cores
+    (``PEFTLAB_NUM_THREADS`` when a bench or sweep running several cells at once sets it) split
+    between the run's processes on this machine. Runs and the planner's timed steps both use it."""
+    cores = int(os.environ.get("PEFTLAB_NUM_THREADS", "0") or 0) or cpu_cores()
+    return num_threads or max(1, cores // max(processes, 1))
 
 
 def skip_import(name: str) -> bool:

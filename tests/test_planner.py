@@ -46,7 +46,8 @@ def stored_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("method,quantization", [({"name": "full"}, "none"), ({"name": "lora", "r": 4}, "none"),
-                                                 ({"name": "lora", "r": 4}, "nf4"), ({"name": "lora", "r": 4}, "int8")])
+                                                 ({"name": "lora", "r": 4}, "nf4"), ({"name": "lora", "r": 4}, "int8"),
+                                                 ({"name": "prefix", "num_virtual_tokens": 4, "init": "vocab"}, "none")])
 def test_weight_bytes_equal_the_loaded_model(tiny_bert, wnut_small, tmp_path, method, quantization):
     from peftlab.runs import build_model
 
@@ -158,6 +159,31 @@ def test_a_one_epoch_run_trains_its_longest_batch_before_any_optimizer_state(tin
     assert later["input_ids"].shape == max(run[1:], key=numel)["input_ids"].shape and numel(later) < numel(longest)
     assert two.train_batches(8)[1] is None
     assert one.trace_for(8, False, 8, timed=False).peak("train") < two.trace_for(8, False, 8, timed=False).peak("train")
+
+
+@pytest.mark.parametrize("cores, num_threads, processes, expected", [("1", None, 1, 1), ("", 3, 2, 3), ("4", None, 2, 2)])
+def test_a_run_and_its_plan_time_steps_with_the_same_threads(tiny_bert, wnut_small, tmp_path, monkeypatch,
+                                                              cores, num_threads, processes, expected):
+    """A bench running cells side by side sets PEFTLAB_NUM_THREADS; the planner times its steps with it too."""
+    from types import SimpleNamespace
+
+    from peftlab.system import cpu_cores
+    from peftlab.training.launch import set_threads
+
+    monkeypatch.setenv("PEFTLAB_NUM_THREADS", cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(SimpleNamespace(device=torch.device("cpu"), num_processes=processes), num_threads) == expected
+        assert torch.get_num_threads() == expected
+        torch.set_num_threads(7)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        recipe = as_recipe(ner_recipe(tiny_bert, wnut_small, tmp_path / "run", {"name": "lora", "r": 2},
+                                      num_threads=num_threads))
+        Estimator(recipe, "cpu")
+        assert torch.get_num_threads() == (num_threads or int(cores or 0) or cpu_cores())
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_checkpointing_lowers_the_activations(tiny_bert, wnut_small, tmp_path):

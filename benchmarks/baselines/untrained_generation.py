@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from peftlab.errors import PeftlabError
     from peftlab.recipe import load_recipe
     from peftlab.tasks import get_task_class
-    from peftlab.system import cpu_cores, peak_rss_bytes
+    from peftlab.system import peak_rss_bytes, run_threads
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return 2
     accelerator = Accelerator()
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(recipe.train.num_threads or cpu_cores())
+        torch.set_num_threads(run_threads(recipe.train.num_threads))
     tokenizer = load_tokenizer(recipe.backbone)
     encoded = task.encode(splits.test, tokenizer, "test").sorted_by_length()
     kwargs = {"pad_token_id": tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else {}

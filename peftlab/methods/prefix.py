@@ -373,7 +373,7 @@ def add_prefix(model: nn.Module, options: PrefixOptions) -> PrefixEncoder:
         slots.append(_Slot(encoder, index, where))
         module.__dict__[SLOT_ATTR] = slots[-1]
         module.config = AttentionConfigView(module.config)
-    if options.init == "vocab":
+    if options.init == "vocab" and _device_of(model).type != "meta":  # a meta model (the planner's) has no values
         init_from_vocab(model, encoder, slots)
     return encoder
 

@@ -34,9 +34,9 @@ class Estimator:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise PeftlabError("--device cuda: this machine has no CUDA device (the planner measures on the device it plans for)")
         if self.device.type == "cpu":  # the step time is measured with the threads a run uses
-            from ..system import cpu_cores
+            from ..system import run_threads
 
-            torch.set_num_threads(recipe.train.num_threads or cpu_cores())
+            torch.set_num_threads(run_threads(recipe.train.num_threads))
         if recipe.backbone.quantization != "none":
             warm_up_quantized(recipe.backbone.quantization, self.device)
         self.data = load_data(recipe)

@@ -16,7 +16,7 @@ from ..errors import PeftlabError, TrainingError
 from ..outputs import RUN_HEADER, FolderLock, check_output, clear, made_by_peftlab, mark
 from ..recipe import Recipe
 from ..runs import CHECKPOINTS_DIR, RunLog, write_error_reason, write_failure
-from ..system import cpu_cores, set_mmap_threshold
+from ..system import run_threads, set_mmap_threshold
 from ..tasks import LengthGroupedEpochSampler
 
 
@@ -122,8 +122,7 @@ def set_threads(accelerator: Any, num_threads: Optional[int]) -> int:
     if accelerator.device.type != "cpu":
         return torch.get_num_threads()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
-    cores = int(os.environ.get("PEFTLAB_NUM_THREADS", "0") or 0) or cpu_cores()
-    n = num_threads or max(1, cores // max(local, 1))
+    n = run_threads(num_threads, local)
     torch.set_num_threads(n)
     return n
 
