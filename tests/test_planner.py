@@ -186,6 +186,20 @@ def test_a_run_and_its_plan_time_steps_with_the_same_threads(tiny_bert, wnut_sma
         torch.set_num_threads(before)
 
 
+def test_the_step_time_is_measured_on_batches_spread_over_the_lengths(monkeypatch):
+    """One timed batch in the middle of each quarter of the length-sorted examples, whatever the seed."""
+    from types import SimpleNamespace
+
+    from peftlab.planner import build
+
+    lengths = [(i * 37) % 101 + 1 for i in range(200)]  # 1..101 shuffled, each about twice
+    monkeypatch.setattr(build, "collate", lambda data, split, idx: [lengths[i] for i in idx])
+    data = SimpleNamespace(train=SimpleNamespace(lengths=lambda: lengths))
+    batches = build.timing_batches(data, 10)
+    ranks = sorted(lengths)
+    assert [sorted(b) for b in batches] == [ranks[s - 5:s + 5] for s in (25, 75, 125, 175)]
+
+
 def test_checkpointing_lowers_the_activations(tiny_bert, wnut_small, tmp_path):
     deep = _deeper(tiny_bert, tmp_path, 4)
     recipe = as_recipe(ner_recipe(deep, wnut_small, tmp_path / "run", {"name": "full"}))

@@ -69,17 +69,16 @@ def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
     return collate(data, data.train, largest)
 
 
-def timing_batches(data: PlanData, size: int, count: int = 4, seed: int = 0) -> list[dict]:
+def timing_batches(data: PlanData, size: int, count: int = 4) -> list[dict]:
     """``count`` training batches as a length-grouped epoch forms them (examples of similar length),
-    around randomly drawn (seeded) examples: their mean step time is the epoch's."""
-    import random
-
+    one at the middle of each ``count``-th of the examples sorted by length, so their mean length is
+    close to the epoch's (four seeded random draws were 12-19% off it for the QA, intent and generation
+    recipes, 3-6% for these)."""
     lengths = data.train.lengths()
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    rng = random.Random(seed)
     batches = []
-    for _ in range(count):
-        start = max(0, min(len(order) - size, rng.randrange(len(order)) - size // 2))
+    for k in range(count):
+        start = max(0, min(len(order) - size, int((k + 0.5) * len(order) / count) - size // 2))
         batches.append(collate(data, data.train, order[start:start + size]))
     return batches
 
