@@ -685,3 +685,23 @@ def test_gpu_report_from_test_results_and_records(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "tests/gpu: 1 passed, 1 failed, 1 skipped." in report and "| test_b | failed |" in report
     assert "| nf4-qlora | 1,000 | 150 | 0.25 | 1.50 |" in report
+
+
+def test_a_cell_with_a_core_budget_passes_it_to_scripts_that_leave_torch_threads_alone(monkeypatch):
+    """--cpus-per-cell (PEFTLAB_NUM_THREADS) reaches a baseline script through OpenMP, as it reaches
+    peftlab's runs; a spec's own env still has the last word."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from peftlab.bench.runner import _cell_env
+
+    probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+    monkeypatch.setenv("PEFTLAB_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env = _cell_env(SimpleNamespace(env={}))
+    assert env["OMP_NUM_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "1"
+    assert _cell_env(SimpleNamespace(env={"OMP_NUM_THREADS": "2"}))["OMP_NUM_THREADS"] == "2"
+    monkeypatch.delenv("PEFTLAB_NUM_THREADS")
+    assert _cell_env(SimpleNamespace(env={}))["OMP_NUM_THREADS"] == "3"  # no budget: the caller's setting stands

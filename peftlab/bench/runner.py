@@ -309,7 +309,7 @@ def run_cell(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: b
         cmd.append("--resume")
     write_json(cell_dir / CELL_FILE, {"cell": cell.id, "recipe_hash": cell.recipe_hash,
                                       "overrides": cell.overrides, "command": cmd})
-    env = {**os.environ, **CHILD_ENV, **cell.env}
+    env = _cell_env(cell)
     started = time.time()
     t0 = time.perf_counter()
     mode = "a" if resumed else "w"
@@ -339,13 +339,23 @@ def run_cell(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: b
     return build_record(plan, cell, ctx, run_dir, status="ok", **common)
 
 
+def _cell_env(cell: Cell) -> dict:
+    """A cell process's environment. When the cell has a core budget (``PEFTLAB_NUM_THREADS``, set by
+    ``--cpus-per-cell`` or the caller), OpenMP gets it too, so a baseline script that leaves torch's
+    threads alone keeps to it as peftlab's runs do; the spec's own ``env`` comes last."""
+    env = {**os.environ, **CHILD_ENV}
+    if env.get("PEFTLAB_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = env["PEFTLAB_NUM_THREADS"]
+    return {**env, **cell.env}
+
+
 def _plan_cell(cell: Cell, cell_dir: Path, say) -> None:
     """The planner's prediction for the cell (``peftlab plan --json``), recorded beside what the cell
     measures; the cell runs whatever the planner says."""
     cmd = [sys.executable, "-m", "peftlab.cli", "plan", cell.recipe, *cell.overrides, "--json"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                              env={**os.environ, **CHILD_ENV, **cell.env}, timeout=PLAN_TIMEOUT_S)
+                              env=_cell_env(cell), timeout=PLAN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         say(f"  plan: gave up after {PLAN_TIMEOUT_S} s")
         return
