@@ -464,6 +464,25 @@ def test_rerun_option_trains_the_chosen_finished_cells_again(bench, tmp_path):
     assert jsonl.read_text().count('"cell": "head-s1"') == 1
 
 
+def test_a_record_of_an_older_recipe_is_not_counted_done(bench, tmp_path):
+    """While other cells run, a cell recorded before its recipe changed is to run again: the progress
+    line must not count it as done."""
+    results = tmp_path / "results"
+    results.mkdir()
+    recs = read_records(bench["results"] / "results.jsonl")
+    for r in recs:
+        if r["cell"] == "lora-s1":
+            r["recipe_hash"] = "0000000000000000"  # as if the recipe changed after the cell ran
+    (results / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with open(tmp_path / "log", "w") as fh:
+        run_bench(bench["spec"], quick=True, results_dir=results, work_dir=tmp_path / "work", only=["head-s1"],
+                  rerun=["head-s1"], report=False, out=fh)
+    log = (tmp_path / "log").read_text()
+    n_ok = sum(1 for r in recs if r["status"] == "ok" and r["cell"] not in ("lora-s1", "head-s1"))
+    assert "will run again (lora-s1)" in log, log
+    assert re.search(rf"\[{n_ok}/\d+ done(, \d+ failed)?; this run: 0/1 done", log), log
+
+
 def test_gpu_memory_columns_when_records_have_them(bench, tmp_path):
     """Records of GPU runs carry torch.cuda max allocated/reserved: the report shows and plots them."""
     recs = [r for r in read_records(bench["results"] / "results.jsonl") if r["status"] == "ok"]

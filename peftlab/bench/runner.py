@@ -254,7 +254,9 @@ def run_bench(
             **({"reference": plan.spec.reference} if plan.spec.reference else {}),
             "cells": [c.plan_entry() for c in plan.cells],
         })
-        _run_cells(plan, todo, again, records, summary, resume, say, executor)
+        # a record of an older recipe is neither done nor a guide to the time a cell takes now
+        current = {k: r for k, r in records.items() if k not in changed}
+        _run_cells(plan, todo, again, current, summary, resume, say, executor)
     if report and jsonl.is_file():
         summary.report = write_report(jsonl, plan.results_dir)
         say(f"report: {summary.report['markdown']}")
