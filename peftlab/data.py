@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from .errors import PeftlabError
 from .recipe import DataConfig
+from .util import read_utf8
 
 EXTENSIONS = {
     ".conll": "conll",
@@ -49,15 +50,7 @@ def _read_text(path: Path, key: str) -> str:
         raise PeftlabError(f"data.{key}: file not found: {path}")
     if not path.is_file():
         raise PeftlabError(f"data.{key}: not a file: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise PeftlabError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); data files must be UTF-8"
-        ) from None
-    return text.lstrip("\ufeff")
+    return read_utf8(path, "data files must be UTF-8")
 
 
 def read_conll(path: Path, key: str = "train", notes: Optional[list[str]] = None) -> list[dict]:

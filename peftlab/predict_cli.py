@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from .errors import PeftlabError
 from .predict import PathLike, Predictor, load_predictor, predict, predict_labels
+from .util import read_utf8
 
 
 # ----------------------------------------------------------------------------------------- input
@@ -22,10 +23,7 @@ def read_inputs(path: PathLike, text_field: str = "text") -> list:
     path = Path(path)
     if not path.is_file():
         raise PeftlabError(f"--input: file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
-    except UnicodeDecodeError:
-        raise PeftlabError(f"--input: {path} is not UTF-8 text") from None
+    lines = read_utf8(path, "--input must be UTF-8 (JSONL, or one text per line)").splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or first.lstrip().startswith("{")
     texts = []

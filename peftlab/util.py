@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .errors import PeftlabError
+
 PathLike = Union[str, Path]
 BNB_PARAMETER_TYPES = ("Params4bit", "Int8Params")
 
@@ -20,6 +22,18 @@ def default_device() -> Any:
 def read_json(path: PathLike) -> Any:
     """A JSON file's content; raises OSError / ValueError as json and open do."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_utf8(path: Path, must_be: str) -> str:
+    """A user's text file without its byte-order mark. Bytes that are not UTF-8 get one line naming
+    the file, the line and the byte, then ``must_be`` (e.g. "data files must be UTF-8")."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PeftlabError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); {must_be}") from None
+    return text.lstrip("\ufeff")
 
 
 def read_json_or_none(path: PathLike) -> Optional[Any]:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import PeftlabError
+from .util import read_utf8
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -46,9 +47,7 @@ def read_yaml_file(path: Path, what: str) -> tuple[Any, str]:
     if not path.is_file():
         raise PeftlabError(f"{path}: {what} file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PeftlabError(f"{path}: not UTF-8 text (byte {exc.start}); a {what} must be UTF-8 YAML") from None
+        text = read_utf8(path, f"a {what} must be UTF-8 YAML")
     except OSError as exc:
         raise PeftlabError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
     try:

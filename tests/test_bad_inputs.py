@@ -194,7 +194,7 @@ CASES = [
     Case("csv-without-text-column",
          "{train}:1: no column 'text' in the header (columns: sentence, category); "
          "set data.text_column / data.label_column", lambda c: banking_csv(c, "sentence,category")),
-    Case("non-utf8-data", "{train}:3: not valid UTF-8 (byte 0xe9); data files must be UTF-8",
+    Case("non-utf8-data", "{train}:3: not UTF-8 text (byte 0xe9); data files must be UTF-8",
          lambda c: c.data_file("train", "latin1.conll", "I\tO\nlove\tO\nCaf\xe9\tB-location\n".encode("latin-1"))),
     Case("unknown-backbone-path", "backbone.name: no such model folder: /nonexistent/tiny-bert",
          lambda c: c.sub(f"  name: {c.values['tiny']}", "  name: /nonexistent/tiny-bert")),
@@ -287,13 +287,13 @@ CASES = [
          lambda c: (output_at(c, c.tmp / "mine"), (c.tmp / "mine").mkdir(), (c.tmp / "mine" / "x.txt").write_text("x")),
          extra_args=("--overwrite",)),
     # -- the other commands' inputs
-    Case("bench-spec-not-utf8", "{recipe}: not UTF-8 text (byte 9); a benchmark spec must be UTF-8 YAML",
+    Case("bench-spec-not-utf8", "{recipe}:1: not UTF-8 text (byte 0xe9); a benchmark spec must be UTF-8 YAML",
          lambda c: setattr(c, "raw", "name: caf\xe9\n".encode("latin-1")), cmd="bench"),
     Case("bench-spec-duplicate-key", "{recipe}:2: duplicate key 'name' (first at line 1)",
          lambda c: setattr(c, "raw", b"name: a\nname: b\n"), cmd="bench"),
     Case("bench-spec-bad-override", "{recipe}: methods: 'lora': override 'train.epoch=1': unknown key 'train.epoch' "
          "(did you mean 'train.epochs'?)", lambda c: bench_spec(c, "train.epoch=1"), cmd="bench"),
-    Case("report-binary-results", "{recipe}:1: not UTF-8 text; expected the JSON lines peftlab bench writes",
+    Case("report-binary-results", "{recipe}:1: not UTF-8 text (byte 0x89); expected the JSON lines peftlab bench writes",
          lambda c: setattr(c, "raw", b"\x89PNG\r\n\x1a\n\xff\xfe"), cmd="report"),
     Case("report-junk-line", "{recipe}:2: not a JSON record (",
          lambda c: setattr(c, "raw", b'{"cell": "a-s1", "status": "ok"}\nnot json\n'), cmd="report"),

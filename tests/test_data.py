@@ -36,7 +36,7 @@ def test_conll_line_without_tag_names_file_and_line(tmp_path):
 def test_non_utf8_names_line(tmp_path):
     p = tmp_path / "a.conll"
     p.write_bytes(b"a\tO\n\xff\tO\n")
-    with pytest.raises(PeftlabError, match=r"a.conll:2: not valid UTF-8 \(byte 0xff\)"):
+    with pytest.raises(PeftlabError, match=r"a.conll:2: not UTF-8 text \(byte 0xff\)"):
         read_conll(p)
 
 

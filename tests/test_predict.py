@@ -92,6 +92,10 @@ def test_predict_input_errors(ner_merged, tmp_path, capsys):
     bad.write_text('{"body": "x"}\n', encoding="utf-8")
     assert cli.main(["predict", str(ner_merged), "--input", str(bad)]) == 2
     assert "bad.jsonl:1: expected an object with a string 'text'" in capsys.readouterr().err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Emma flew to Paris\nCaf\xe9 in Rome\n".encode("latin-1"))
+    assert cli.main(["predict", str(ner_merged), "--input", str(latin)]) == 2
+    assert f"{latin}:2: not UTF-8 text (byte 0xe9); --input must be UTF-8" in capsys.readouterr().err
     assert cli.main(["predict", str(ner_merged)]) == 2
     with pytest.raises(PeftlabError, match="not a run folder, an exported package or a merged checkpoint"):
         load_predictor(tmp_path)

@@ -14,7 +14,7 @@ import yaml
 
 from ..atomicio import write_text
 from ..errors import PeftlabError
-from ..util import read_json_or_none, scalar_items
+from ..util import read_json_or_none, read_utf8, scalar_items
 from .plan import BenchPlan, Cell, _hash
 
 SCHEMA_VERSION = 1
@@ -58,12 +58,7 @@ def load_records(path: Union[str, os.PathLike]) -> list[dict]:
         raise PeftlabError(f"{path}: is a folder; expected a results file (results.jsonl)")
     if not path.is_file():
         raise PeftlabError(f"{path}: results file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise PeftlabError(f"{path}:{line}: not UTF-8 text; expected the JSON lines peftlab bench writes") from None
+    text = read_utf8(path, "expected the JSON lines peftlab bench writes")
     records = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
