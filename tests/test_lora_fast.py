@@ -214,7 +214,7 @@ def test_int8_evaluation_is_bitsandbytes_own_a_block_at_a_time(monkeypatch, shap
     """Evaluating an int8 layer on a CPU computes what bitsandbytes' forward does, also where a block of
     rows holds none of the batch's outlier columns (found over the whole input). Equal to float
     rounding: the float matmul of the outlier columns may round a last, shorter block by one ulp."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     torch.manual_seed(0)
     plain = torch.nn.Linear(*shape)
     layer = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0)

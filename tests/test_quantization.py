@@ -7,6 +7,7 @@ import gc
 import json
 from pathlib import Path
 
+import bitsandbytes as bnb  # a dependency: were it missing, this module fails (never skips)
 import pytest
 import torch
 
@@ -15,8 +16,6 @@ from conftest import cls_recipe, minilm_path, ner_recipe, rescore_test
 from peftlab.backbones import compute_dtype, load_model, unquantized_modules
 from peftlab.recipe import BackboneConfig
 from peftlab.runs import _numel, load_run
-
-bnb = pytest.importorskip("bitsandbytes")  # a pinned dependency: present wherever the suite runs
 
 TOKEN = "AutoModelForTokenClassification"
 SEQ = "AutoModelForSequenceClassification"
