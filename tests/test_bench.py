@@ -298,6 +298,19 @@ def test_comparison_across_machines_gives_no_speed_ratio(bench, tmp_path):
         (same,) = list(csv.DictReader(fh))
     assert same["samples_per_s_ratio"] and same["machine_count"] == "1"
     assert "different machines" not in (bench["results"] / "report.md").read_text()
+    # a peftlab configuration whose own seeds ran on two machines, its baseline not run yet: no note
+    plan = json.loads((bench["results"] / "plan.json").read_text())
+    lora = next(c for c in plan["cells"] if c["cell"] == "lora-s1")
+    plan["cells"].append({**lora, "cell": "lora-s2", "seed": 2})
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    kept = [json.loads(line) for line in lines if "baseline-trainer" not in line]
+    one = next(r for r in kept if r["cell"] == "lora-s1")
+    kept.append({**one, "cell": "lora-s2", "seed": 2, "machine": {**one["machine"], "cpu": "Other CPU"}})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_report(tmp_path / "results.jsonl")
+    md = (tmp_path / "report.md").read_text()
+    assert "| lora | lora | none | 2/" in md and "Other CPU" in md  # both seeds counted, two machines
+    assert "different machines" not in md
 
 
 def test_records_of_an_older_recipe_are_listed_not_averaged(bench, tmp_path):
