@@ -175,3 +175,23 @@ def test_overrides_may_follow_flags():
     assert args.resume and args.overrides == ["train.epochs=1", "train.lr=0.1"]
     with pytest.raises(PeftlabError, match="unrecognized arguments: --nope"):
         parse_args(["train", "r.yaml", "--overwrite", "--nope"])
+
+
+def test_the_docs_recipe_table_lists_every_recipe_with_its_method_lr_and_epochs():
+    """docs/recipes.md's table is written by hand: it must name every shipped recipe and the method,
+    learning rate and epochs each one sets."""
+    from peftlab.recipe import TrainConfig
+
+    rows = {}
+    for line in (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `recipes/"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    assert sorted(rows) == [f"recipes/{p.name}" for p in RECIPES]
+    for path in RECIPES:
+        raw = yaml.safe_load(path.read_text())
+        _, _, _, method, lr, epochs = rows[f"recipes/{path.name}"]
+        train = raw.get("train", {})
+        assert method.split(" ")[0] == raw["method"]["name"], path.name
+        assert float(lr) == float(train.get("lr", TrainConfig.model_fields["lr"].default)), path.name
+        assert int(epochs) == train.get("epochs", TrainConfig.model_fields["epochs"].default), path.name
