@@ -210,8 +210,8 @@ def read_squad(path: Path, key: str, columns: list[str]) -> list[dict]:
                     para.get("qas"), list):
                 raise PeftlabError(f"{where}: expected an object with a string 'context' and a list 'qas'")
             for q, qa in enumerate(para["qas"]):
-                if not isinstance(qa, dict):
-                    raise PeftlabError(f"{where}.qas[{q}]: expected an object with 'question' and 'answers'")
+                if not isinstance(qa, dict) or "question" not in qa:
+                    raise PeftlabError(f"{where}.qas[{q}]: expected an object with a 'question' (and 'answers')")
                 rows.append({"id": str(qa.get("id", f"{a}-{p}-{q}")), "title": title, c_col: para["context"],
                              q_col: qa.get("question"), a_col: qa.get("answers", []),
                              "_where": f"{where}.qas[{q}] (id {qa.get('id', '?')})"})

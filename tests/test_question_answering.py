@@ -308,6 +308,11 @@ def test_bad_rows_get_one_line_errors(tiny_bert, tmp_path):
     assert "bad.jsonl:6" in msg and "'context'" in msg
     msg = _bad(tiny_bert, tmp_path, [{**ok, "question": "why " * 80}] * 6)
     assert "the question has" in msg and "data.max_length" in msg
+    squad = tmp_path / "bad.json"  # SQuAD's own layout: a question without its text names its place
+    squad.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": ok["context"], "qas": [
+        {"id": "q1", "answers": ok["answers"]}]}]}]}), encoding="utf-8")
+    with pytest.raises(PeftlabError, match=r"bad.json: data\[0\].paragraphs\[0\].qas\[0\]: expected an object with a 'question'"):
+        _task(qa_recipe(tiny_bert, {"train": str(squad), "validation": str(squad)}, tmp_path / "r", {"name": "full"}))[0].load_splits()
     hub_style = {**ok, "answers": {"text": ["Ada"], "answer_start": [0]}}
     task, _ = _task(qa_recipe(tiny_bert, {"train": str(tmp_path / "bad.jsonl")}, tmp_path / "r", {"name": "full"}))
     assert task.answers_of({**hub_style, "_where": "x"}) == [{"text": "Ada", "answer_start": 0}]
