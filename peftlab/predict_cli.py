@@ -42,6 +42,9 @@ def read_inputs(path: PathLike, text_field: str = "text") -> list:
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
             keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+            if isinstance(obj, dict) and {"question", "context"} & set(obj):  # half a question-answering input
+                raise PeftlabError(f"{path}:{lineno}: a question-answering input needs both 'question' and "
+                                   f"'context' (found {keys})")
             raise PeftlabError(f"{path}:{lineno}: expected an object with a string '{text_field}' (found {keys}); "
                                f"set --text-field")
         texts.append(obj[text_field])

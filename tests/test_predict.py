@@ -92,6 +92,10 @@ def test_predict_input_errors(ner_merged, tmp_path, capsys):
     bad.write_text('{"body": "x"}\n', encoding="utf-8")
     assert cli.main(["predict", str(ner_merged), "--input", str(bad)]) == 2
     assert "bad.jsonl:1: expected an object with a string 'text'" in capsys.readouterr().err
+    bad.write_text('{"question": "Who?", "context": "Ada."}\n{"question": "Who?"}\n', encoding="utf-8")
+    with pytest.raises(PeftlabError, match=r"bad.jsonl:2: a question-answering input needs both 'question' and "
+                                           r"'context' \(found question\)"):
+        read_inputs(bad)
     latin = tmp_path / "latin.txt"
     latin.write_bytes("Emma flew to Paris\nCaf\xe9 in Rome\n".encode("latin-1"))
     assert cli.main(["predict", str(ner_merged), "--input", str(latin)]) == 2
