@@ -124,6 +124,9 @@ def _table_rows(reader: csv.DictReader, path: Path, columns: list[str], may_be_e
     return rows
 
 
+COLUMN_HINT = "name the column with the recipe's *_column key (data.*, or task_options.* for question answering)"
+
+
 def read_jsonl(path: Path, columns: list[str], key: str) -> list[dict]:
     text = _read_text(path, key)
     rows = []
@@ -138,9 +141,7 @@ def read_jsonl(path: Path, columns: list[str], key: str) -> list[dict]:
             raise PeftlabError(f"{path}:{lineno}: expected a JSON object per line")
         for col in columns:
             if col not in obj:
-                raise PeftlabError(
-                    f"{path}:{lineno}: no key '{col}' (keys: {', '.join(obj)}); set data.*_column"
-                )
+                raise PeftlabError(f"{path}:{lineno}: no key '{col}' (keys: {', '.join(obj)}); {COLUMN_HINT}")
         rows.append({**{c: obj[c] for c in columns}, "_where": f"{path}:{lineno}"})
     return rows
 
@@ -232,7 +233,7 @@ def read_hub_split(cfg: DataConfig, split: str, columns: list[str], key: str) ->
         if col not in ds.column_names:
             raise PeftlabError(
                 f"data.{key}: hub dataset '{cfg.hub}' has no column '{col}' "
-                f"(columns: {', '.join(ds.column_names)}); set data.*_column"
+                f"(columns: {', '.join(ds.column_names)}); {COLUMN_HINT}"
             )
     names: dict[str, Any] = {}
     for col in columns:
