@@ -8,12 +8,13 @@ Errors raise :class:`PeftlabError` with one line.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .errors import PeftlabError
 from .recipe import DataConfig
@@ -91,25 +92,27 @@ def read_conll(path: Path, key: str = "train", notes: Optional[list[str]] = None
     return sentences
 
 
-def read_table(path: Path, delimiter: str, columns: list[str], key: str, may_be_empty: tuple = ()) -> list[dict]:
+def read_table(path: Path, delimiter: str, columns: list[str], key: str, may_be_empty: tuple = (),
+               named_by: Optional[Mapping[str, str]] = None) -> list[dict]:
     text = _read_text(path, key)
     csv.field_size_limit(2**31 - 1)  # a long text cell is data, not an error (the default is 128 KiB)
     # strict: a stray or unclosed quote is an error, not a field that silently swallows the lines after it
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
-        return _table_rows(reader, path, columns, may_be_empty)
+        return _table_rows(reader, path, columns, may_be_empty, named_by)
     except csv.Error as exc:  # line_num counts the lines read before the bad one
         raise PeftlabError(f"{path}:{reader.line_num + 1}: not valid {'CSV' if delimiter == ',' else 'TSV'}: "
                            f"{exc}") from None
 
 
-def _table_rows(reader: csv.DictReader, path: Path, columns: list[str], may_be_empty: tuple = ()) -> list[dict]:
+def _table_rows(reader: csv.DictReader, path: Path, columns: list[str], may_be_empty: tuple = (),
+                named_by: Optional[Mapping[str, str]] = None) -> list[dict]:
     header = reader.fieldnames or []
     for col in columns:
         if col not in header:
             raise PeftlabError(
                 f"{path}:1: no column '{col}' in the header (columns: {', '.join(header) or 'none'}); "
-                f"set data.text_column / data.label_column"
+                f"{column_hint(col, named_by)}"
             )
     rows = []
     for row in reader:
@@ -124,10 +127,13 @@ def _table_rows(reader: csv.DictReader, path: Path, columns: list[str], may_be_e
     return rows
 
 
-COLUMN_HINT = "name the column with the recipe's *_column key (data.*, or task_options.* for question answering)"
+def column_hint(col: str, named_by: Optional[Mapping[str, str]]) -> str:
+    """Where the recipe names column ``col`` (the task's ``column_keys()``), for a missing-column error."""
+    key = (named_by or {}).get(col)
+    return f"the recipe names it in {key}" if key else "the recipe's column keys name the columns"
 
 
-def read_jsonl(path: Path, columns: list[str], key: str) -> list[dict]:
+def read_jsonl(path: Path, columns: list[str], key: str, named_by: Optional[Mapping[str, str]] = None) -> list[dict]:
     text = _read_text(path, key)
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -141,7 +147,8 @@ def read_jsonl(path: Path, columns: list[str], key: str) -> list[dict]:
             raise PeftlabError(f"{path}:{lineno}: expected a JSON object per line")
         for col in columns:
             if col not in obj:
-                raise PeftlabError(f"{path}:{lineno}: no key '{col}' (keys: {', '.join(obj)}); {COLUMN_HINT}")
+                raise PeftlabError(f"{path}:{lineno}: no key '{col}' (keys: {', '.join(obj)}); "
+                                   f"{column_hint(col, named_by)}")
         rows.append({**{c: obj[c] for c in columns}, "_where": f"{path}:{lineno}"})
     return rows
 
@@ -158,13 +165,14 @@ def _format_of(cfg: DataConfig, path: Path) -> str:
     return fmt
 
 
-def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
-               notes: Optional[list[str]] = None, may_be_empty: tuple = ()) -> list[dict]:
-    """Read one split (``key`` = train/validation/test). ``kind`` is 'tokens' or 'text'; CSV/TSV cells
-    of the ``may_be_empty`` columns may be empty (a multi-label row without labels)."""
+def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str, notes: Optional[list[str]] = None,
+               may_be_empty: tuple = (), named_by: Optional[Mapping[str, str]] = None) -> list[dict]:
+    """Read one split (``key`` = train/validation/test). ``kind`` is 'tokens', 'text' or 'qa'; CSV/TSV
+    cells of the ``may_be_empty`` columns may be empty (a multi-label row without labels);
+    ``named_by`` maps a column to the recipe key that names it (for errors)."""
     source = getattr(cfg, key)
     if cfg.hub is not None or cfg.format == "hub":
-        rows = read_hub_split(cfg, source, columns, key)
+        rows = read_hub_split(cfg, source, columns, key, named_by)
     else:
         path = Path(source).expanduser()
         fmt = _format_of(cfg, path)
@@ -180,9 +188,9 @@ def read_split(cfg: DataConfig, key: str, columns: list[str], kind: str,
         elif fmt in ("csv", "tsv"):
             if kind == "tokens":
                 raise PeftlabError(f"data.{key}: {fmt} rows hold texts; NER needs CoNLL or JSONL token lists")
-            rows = read_table(path, "," if fmt == "csv" else "\t", columns, key, may_be_empty)
+            rows = read_table(path, "," if fmt == "csv" else "\t", columns, key, may_be_empty, named_by)
         else:
-            rows = read_jsonl(path, columns, key)
+            rows = read_jsonl(path, columns, key, named_by)
     if not rows:
         raise PeftlabError(f"data.{key}: no examples in {source} (empty split)")
     return rows
@@ -219,7 +227,8 @@ def read_squad(path: Path, key: str, columns: list[str]) -> list[dict]:
     return rows
 
 
-def read_hub_split(cfg: DataConfig, split: str, columns: list[str], key: str) -> list[dict]:
+def read_hub_split(cfg: DataConfig, split: str, columns: list[str], key: str,
+                   named_by: Optional[Mapping[str, str]] = None) -> list[dict]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
@@ -233,7 +242,7 @@ def read_hub_split(cfg: DataConfig, split: str, columns: list[str], key: str) ->
         if col not in ds.column_names:
             raise PeftlabError(
                 f"data.{key}: hub dataset '{cfg.hub}' has no column '{col}' "
-                f"(columns: {', '.join(ds.column_names)}); {COLUMN_HINT}"
+                f"(columns: {', '.join(ds.column_names)}); {column_hint(col, named_by)}"
             )
     names: dict[str, Any] = {}
     for col in columns:
@@ -282,20 +291,24 @@ def hold_out(train: list[dict], cfg: DataConfig, group: Optional[Callable[[dict]
 
 
 def load_splits(cfg: DataConfig, columns: list[str], kind: str, may_be_empty: tuple = (),
-                group: Optional[Callable[[dict], Any]] = None, unit: str = "examples") -> Splits:
+                group: Optional[Callable[[dict], Any]] = None, unit: str = "examples",
+                named_by: Optional[Mapping[str, str]] = None) -> Splits:
     """Read train/validation/test; carve a fixed-seed validation split when none is given (whole
-    ``group``s of examples at a time when given; ``unit`` names them)."""
+    ``group``s of examples at a time when given; ``unit`` names them). ``named_by``: the task's
+    ``column_keys()``, so that a missing column names the recipe key to change."""
     notes = []
-    train = read_split(cfg, "train", columns, kind, notes, may_be_empty)
+    read = functools.partial(read_split, cfg, columns=columns, kind=kind, notes=notes, may_be_empty=may_be_empty,
+                             named_by=named_by)
+    train = read(key="train")
     if cfg.validation is not None:
-        validation = read_split(cfg, "validation", columns, kind, notes, may_be_empty)
+        validation = read(key="validation")
     else:
         train, validation, note = hold_out(train, cfg, group, unit)
         notes.append(note)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         train = _fixed_seed_subset(train, cfg.max_train_samples, cfg.split_seed + 1)
         notes.append(f"train: fixed-seed subset of {len(train)} examples (seed {cfg.split_seed + 1})")
-    test = read_split(cfg, "test", columns, kind, notes, may_be_empty) if cfg.test is not None else None
+    test = read(key="test") if cfg.test is not None else None
     if test is not None and cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
         notes.append(f"test: fixed-seed subset of {cfg.max_test_samples} of {len(test)} examples (seed {cfg.split_seed + 2})")
         test = _fixed_seed_subset(test, cfg.max_test_samples, cfg.split_seed + 2)

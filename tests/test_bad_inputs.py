@@ -193,7 +193,7 @@ CASES = [
          lambda c: conll_with_label(c, "test", "I-ufo"), cmd="validate"),
     Case("csv-without-text-column",
          "{train}:1: no column 'text' in the header (columns: sentence, category); "
-         "set data.text_column / data.label_column", lambda c: banking_csv(c, "sentence,category")),
+         "the recipe names it in data.text_column", lambda c: banking_csv(c, "sentence,category")),
     Case("non-utf8-data", "{train}:3: not UTF-8 text (byte 0xe9); data files must be UTF-8",
          lambda c: c.data_file("train", "latin1.conll", "I\tO\nlove\tO\nCaf\xe9\tB-location\n".encode("latin-1"))),
     Case("unknown-backbone-path", "backbone.name: no such model folder: /nonexistent/tiny-bert",

@@ -73,7 +73,8 @@ def test_normalisation_and_scores():
 
 def test_unknown_column_names_file_and_key(tiny_llama, banking_small, tmp_path):
     task = make_task(tiny_llama, banking_small, tmp_path, prompt_template="Q: {question}")
-    with pytest.raises(PeftlabError, match=r"no column 'question' in the header"):
+    with pytest.raises(PeftlabError, match=r"no column 'question' in the header .*; "
+                                           r"the recipe names it in data.prompt_template$"):
         task.load_splits()
     task = make_task(tiny_llama, banking_small, tmp_path, prompt_template="no fields")
     with pytest.raises(PeftlabError, match=r"data.prompt_template: .* reads no column"):

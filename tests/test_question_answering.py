@@ -307,7 +307,7 @@ def test_bad_rows_get_one_line_errors(tiny_bert, tmp_path):
     msg = _bad(tiny_bert, tmp_path, [ok] * 5 + [{"question": "Who?", "answers": []}])
     assert "bad.jsonl:6" in msg and "'context'" in msg
     msg = _bad(tiny_bert, tmp_path, [ok] * 5 + [{"context": ok["context"], "answers": ok["answers"]}])
-    assert "bad.jsonl:6: no key 'question'" in msg and "task_options" in msg
+    assert "bad.jsonl:6: no key 'question'" in msg and msg.endswith("the recipe names it in task_options.question_column")
     msg = _bad(tiny_bert, tmp_path, [{**ok, "question": "why " * 80}] * 6)
     assert "the question has" in msg and "data.max_length" in msg
     squad = tmp_path / "bad.json"  # SQuAD's own layout: a question without its text names its place

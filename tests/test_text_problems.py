@@ -111,6 +111,8 @@ def test_regression_reports_correlations_and_mse(tiny_bert, tmp_path, files):
      r"train.jsonl:1: label 'tags' is list; expected a list of strings"),
     ({"text_pair_column": "text2"}, [{"text": "a", "text2": "", "label": "x"}],
      r"train.jsonl:1: 'text2' is empty"),
+    ({"text_pair_column": "text2"}, [{"text": "a", "label": "x"}],
+     r"train.jsonl:1: no key 'text2' \(keys: text, label\); the recipe names it in data.text_pair_column$"),
 ])
 def test_bad_rows_are_one_line(tiny_bert, tmp_path, data, rows, message):
     train = _jsonl(tmp_path / "train.jsonl", rows * 4)

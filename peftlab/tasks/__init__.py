@@ -75,6 +75,11 @@ class Task:
     def load_splits(self):  # -> peftlab.data.Splits
         raise NotImplementedError
 
+    def column_keys(self) -> dict[str, str]:
+        """Each data column this task reads, mapped to the recipe key that names it, so that a file
+        without the column says which key to change (``{"text": "data.text_column", ...}``)."""
+        return {}
+
     def set_labels(self, labels: list[str]) -> None:
         self.labels = list(labels)
 

@@ -320,8 +320,13 @@ class CausalLM(Task):
         return [list(x) for x in tokenizer(strings, add_special_tokens=add_special)["input_ids"]]
 
     # -- data -------------------------------------------------------------------------------------
+    def column_keys(self) -> dict[str, str]:
+        completion = template_fields(self.data_cfg.completion_template, "completion_template")
+        keys = {c: "data.completion_template" for c in completion}
+        return {**keys, **{c: "data.prompt_template" for c in self.prompt_fields}}  # the prompt's name wins
+
     def load_splits(self):
-        splits = load_splits(self.data_cfg, self.columns, kind="text")
+        splits = load_splits(self.data_cfg, self.columns, kind="text", named_by=self.column_keys())
         self.set_labels([])
         return splits
 

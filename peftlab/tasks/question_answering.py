@@ -98,10 +98,15 @@ class QuestionAnswering(Task):
         return [o.question_column, o.context_column, o.answers_column]
 
     # -- data -------------------------------------------------------------------------------------
+    def column_keys(self) -> dict[str, str]:
+        o = self.options
+        return {o.question_column: "task_options.question_column", o.context_column: "task_options.context_column",
+                o.answers_column: "task_options.answers_column"}
+
     def load_splits(self):
         context = self.options.context_column
         splits = load_splits(self.data_cfg, self.columns, kind="qa", unit="articles",
-                             group=lambda ex: ex.get("title") or ex[context])
+                             group=lambda ex: ex.get("title") or ex[context], named_by=self.column_keys())
         check_text_rows(splits.rows(), self.columns[:2])
         for ex in splits.rows():
             ex[self.options.answers_column] = self.answers_of(ex)

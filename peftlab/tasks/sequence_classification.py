@@ -66,9 +66,15 @@ class SequenceClassification(Task):
         return [*self.text_columns, self.data_cfg.label_column]
 
     # -- data -------------------------------------------------------------------------------------
+    def column_keys(self) -> dict[str, str]:
+        cfg = self.data_cfg
+        pair = {cfg.text_pair_column: "data.text_pair_column"} if cfg.text_pair_column else {}
+        return {cfg.text_column: "data.text_column", **pair, cfg.label_column: "data.label_column"}
+
     def load_splits(self):
         empty_ok = (self.data_cfg.label_column,) if self.problem == "multi_label" else ()
-        splits = load_splits(self.data_cfg, self.columns, kind="text", may_be_empty=empty_ok)
+        splits = load_splits(self.data_cfg, self.columns, kind="text", may_be_empty=empty_ok,
+                             named_by=self.column_keys())
         check_text_rows(splits.rows(), self.text_columns)
         {"single_label": self._single_labels, "multi_label": self._multi_labels,
          "regression": self._scores}[self.problem](splits)

@@ -64,8 +64,11 @@ class TokenClassification(Task):
     def columns(self) -> list[str]:
         return [self.data_cfg.tokens_column, self.data_cfg.tags_column]
 
+    def column_keys(self) -> dict[str, str]:
+        return {self.data_cfg.tokens_column: "data.tokens_column", self.data_cfg.tags_column: "data.tags_column"}
+
     def load_splits(self):
-        splits = load_splits(self.data_cfg, self.columns, kind="tokens")
+        splits = load_splits(self.data_cfg, self.columns, kind="tokens", named_by=self.column_keys())
         tags_col = self.data_cfg.tags_column
         check_token_rows(splits.rows(), *self.columns)
         self.set_labels(sort_tags({t for ex in splits.train for t in ex[tags_col]}))
