@@ -17,11 +17,14 @@ def add_commands(sub, command) -> None:
 
     @command("plan")
     def _plan(args) -> int:
-        from ..api import as_recipe, plan
+        from pathlib import Path
+
+        from ..recipe import load_recipe
         from ..system import prepare_bitsandbytes, set_mmap_threshold, skip_scipy
+        from . import plan
 
         skip_scipy()  # as `peftlab train` does: its base memory is measured
-        recipe = as_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(Path(args.recipe), args.overrides)
         prepare_bitsandbytes(recipe.backbone.quantization)  # as `peftlab train` does: its base memory is measured
         if recipe.train.cpu_mmap_threshold_mb and args.device != "cuda":
             set_mmap_threshold(recipe.train.cpu_mmap_threshold_mb)
