@@ -737,3 +737,23 @@ def test_a_cell_with_a_core_budget_passes_it_to_scripts_that_leave_torch_threads
     assert _cell_env(SimpleNamespace(env={"OMP_NUM_THREADS": "2"}))["OMP_NUM_THREADS"] == "2"
     monkeypatch.delenv("PEFTLAB_NUM_THREADS")
     assert _cell_env(SimpleNamespace(env={}))["OMP_NUM_THREADS"] == "3"  # no budget: the caller's setting stands
+
+
+def test_heartbeat_shows_the_latest_progress_line_of_either_log(tmp_path):
+    """A Trainer script prints its losses to stdout while stderr ends with a warning's source line."""
+    import os
+
+    from peftlab.bench.runner import _last_progress
+
+    (tmp_path / "stderr.log").write_text("Map: 50%\rMap: 100% 10/10\n/x/dataloader.py:759: UserWarning: "
+                                         "no accelerator\n  super().__init__(loader)\n", encoding="utf-8")
+    (tmp_path / "stdout.log").write_text("{'loss': '1.9'}\n{'loss': '1.7', 'epoch': '0.5'}\n", encoding="utf-8")
+    os.utime(tmp_path / "stderr.log", (1_000, 1_000))
+    os.utime(tmp_path / "stdout.log", (2_000, 2_000))
+    assert _last_progress(tmp_path) == "{'loss': '1.7', 'epoch': '0.5'}"
+    os.utime(tmp_path / "stderr.log", (3_000, 3_000))  # stderr newer: its last line that is not a warning's source
+    assert _last_progress(tmp_path) == "/x/dataloader.py:759: UserWarning: no accelerator"
+    (tmp_path / "stderr.log").write_text("step 3/9\rstep 4/9\r", encoding="utf-8")
+    os.utime(tmp_path / "stderr.log", (4_000, 4_000))
+    assert _last_progress(tmp_path) == "step 4/9"
+    assert _last_progress(tmp_path / "missing") == ""

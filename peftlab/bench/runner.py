@@ -320,7 +320,7 @@ def run_cell(plan: BenchPlan, cell: Cell, ctx: dict, resume: bool, say, fresh: b
                                 preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
         load: list[float] = []
         status, rusage, timed_out = _wait(proc, cell.timeout_s, heartbeat=lambda el: say(
-            f"  ... {cell.id} running for {_fmt_duration(el)}: {_last_progress(cell_dir / 'stderr.log')}"), load=load)
+            f"  ... {cell.id} running for {_fmt_duration(el)}: {_last_progress(cell_dir)}"), load=load)
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     parent_peak = int(rusage.ru_maxrss) * 1024 if rusage is not None else None
@@ -367,16 +367,23 @@ def _plan_cell(cell: Cell, cell_dir: Path, say) -> None:
         say(f"  plan: {last_error_line(done.stderr) or f'exit status {done.returncode}'}")
 
 
-def _last_progress(path: Path) -> str:
-    """The child's latest log or progress-bar line (for the heartbeat)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, path.stat().st_size - 4096))
-            tail = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    parts = [p.strip() for chunk in tail.splitlines() for p in chunk.split("\r") if p.strip()]
-    return parts[-1][:160] if parts else ""
+def _last_progress(cell_dir: Path) -> str:
+    """The child's latest log or progress-bar line (for the heartbeat), from whichever of its stdout
+    and stderr was written last (a Trainer script prints its losses to stdout). Indented lines are
+    skipped: they are the source line Python's warnings print under the warning."""
+    logs = [p for p in (cell_dir / "stdout.log", cell_dir / "stderr.log") if p.is_file() and p.stat().st_size]
+    for path in sorted(logs, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - 4096))
+                tail = fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            continue
+        parts = [p.strip() for chunk in tail.splitlines() for p in chunk.split("\r")
+                 if p.strip() and not p[:1].isspace()]
+        if parts:
+            return parts[-1][:160]
+    return ""
 
 
 def _wait(proc: subprocess.Popen, timeout: Optional[float], heartbeat=None, load: Optional[list] = None):
