@@ -280,11 +280,7 @@ class CausalLM(Task):
 
     @property
     def columns(self) -> list[str]:
-        cols = list(self.prompt_fields)
-        for c in template_fields(self.data_cfg.completion_template, "completion_template"):
-            if c not in cols:
-                cols.append(c)
-        return cols
+        return list(self.column_keys())  # the prompt's fields, then the completion's others
 
     def prompt_text(self, example: Union[dict, str]) -> str:
         """The filled prompt template; a string fills the template's single field."""
@@ -321,9 +317,10 @@ class CausalLM(Task):
 
     # -- data -------------------------------------------------------------------------------------
     def column_keys(self) -> dict[str, str]:
-        completion = template_fields(self.data_cfg.completion_template, "completion_template")
-        keys = {c: "data.completion_template" for c in completion}
-        return {**keys, **{c: "data.prompt_template" for c in self.prompt_fields}}  # the prompt's name wins
+        keys = {c: "data.prompt_template" for c in self.prompt_fields}
+        for c in template_fields(self.data_cfg.completion_template, "completion_template"):
+            keys.setdefault(c, "data.completion_template")
+        return keys
 
     def load_splits(self):
         splits = load_splits(self.data_cfg, self.columns, kind="text", named_by=self.column_keys())
