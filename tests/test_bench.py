@@ -544,6 +544,26 @@ def test_efficiency_specs_plan():
         assert any("method.fast_path=false" in c.overrides for c in full.cells)
         quick = plan_bench(spec, quick=True)
         assert {c.config for c in quick.cells} == {"full", "lora"}
+    minilm = ROOT / "benchmarks" / "efficiency_minilm.yaml"
+    configs, rounds = [c.config for c in plan_bench(minilm).cells], plan_bench(minilm, profile_name="rounds").cells
+    n = len(configs)
+    assert [c.seed for c in rounds] == [42] * n + [43] * n + [44] * n
+    assert [c.config for c in rounds] == configs * 3
+
+
+def test_order_seed_runs_every_configuration_once_per_round(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("seeds: [1, 2]\nmethods:\n  - {name: a, recipe: r.yaml}\n  - {name: b, recipe: r.yaml}\n"
+                    "  - {name: c, recipe: r.yaml, seeds: [5]}\nprofiles:\n  rounds: {order: seed}\n")
+    assert [c.id for c in plan_bench(spec).cells] == ["a-s1", "a-s2", "b-s1", "b-s2", "c-s5"]
+    rounds = plan_bench(spec, profile_name="rounds").cells
+    assert [c.id for c in rounds] == ["a-s1", "b-s1", "c-s5", "a-s2", "b-s2"]
+    assert [c.order for c in rounds] == [0, 1, 2, 3, 4]
+    spec.write_text(spec.read_text().replace("seeds: [1, 2]", "seeds: [1, 2]\norder: seed"))
+    assert [c.id for c in plan_bench(spec).cells] == ["a-s1", "b-s1", "c-s5", "a-s2", "b-s2"]
+    spec.write_text(spec.read_text().replace("order: seed", "order: seeds"))
+    with pytest.raises(PeftlabError, match=r"s.yaml:2: order: .*'configuration' or 'seed'"):
+        plan_bench(spec)
 
 
 def test_real_specs_plan(tmp_path):

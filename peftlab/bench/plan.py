@@ -166,6 +166,7 @@ def plan_bench(
     common = list(DEFAULT_OVERRIDES) + [f"data.{k}={_yaml_value(v)}" for k, v in spec.data.items()]
     common += list(spec.overrides)
     cells: list[Cell] = []
+    rounds: dict[str, int] = {}  # cell id -> its seed's position in its configuration's seeds
     for entry in spec.methods:
         for label, axis_overrides, axes in _expand_entry(spec, entry):
             if profile is not None and profile.methods is not None and not (
@@ -183,7 +184,7 @@ def plan_bench(
             seeds = entry.seeds or (profile.seeds if profile is not None else None) or spec.seeds
             timeout = (profile.timeout_s if profile is not None else None) or entry.timeout_s or spec.timeout_s
             recipe = entry.recipe or spec.recipe
-            for seed in seeds:
+            for round_, seed in enumerate(seeds):
                 cell = Cell(
                     id=_cell_id(label, seed), config=label, seed=seed, order=len(cells), recipe=recipe,
                     overrides=overrides + [f"train.seed={seed}"], script=entry.script,
@@ -193,8 +194,13 @@ def plan_bench(
                 )
                 _resolve_cell(cell, f"{spec_path}: methods: '{entry.name}'")
                 cells.append(cell)
+                rounds[cell.id] = round_
     if not cells:
         raise PeftlabError(f"{spec_path}: the spec (profile {profile_name or 'full'}) has no cells")
+    if ((profile.order if profile is not None else None) or spec.order) == "seed":
+        cells.sort(key=lambda c: rounds[c.id])  # stable: configurations keep their order in each round
+        for i, cell in enumerate(cells):
+            cell.order = i
     ids = [c.id for c in cells]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:

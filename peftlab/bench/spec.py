@@ -10,7 +10,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -112,6 +112,10 @@ class Profile(_Strict):
     data: dict[str, Any] = Field(default_factory=dict, description="data.<key> overrides for every cell.")
     methods: Optional[list[str]] = Field(None, description="Only these configurations (names or patterns).")
     timeout_s: Optional[float] = Field(None, gt=0)
+    order: Optional[Literal["configuration", "seed"]] = Field(
+        None, description="Run order: `configuration` (every seed of one configuration, then the next) or "
+        "`seed` (rounds: every configuration once per seed, so the machine's drift spreads over all of them).",
+    )
 
 
 class Spec(_Strict):
@@ -119,6 +123,10 @@ class Spec(_Strict):
     description: Optional[str] = None
     recipe: Optional[str] = Field(None, description="Base recipe for configurations that name none.")
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    order: Literal["configuration", "seed"] = Field(
+        "configuration", description="Run order: `configuration` (every seed of one configuration, then the next) or "
+        "`seed` (rounds: every configuration once per seed, so the machine's drift spreads over all of them).",
+    )
     backbones: Optional[list[str]] = Field(
         None, description="Backbone axis (backbone.name values); default: each recipe's own backbone."
     )
