@@ -104,6 +104,11 @@ class ConfigEntry(_Strict):
         return v
 
 
+RunOrder = Literal["configuration", "seed"]
+ORDER_HELP = ("Run order: `configuration` (every seed of one configuration, then the next) or `seed` (rounds: "
+              "every configuration once per seed, so the machine's drift spreads over all of them).")
+
+
 class Profile(_Strict):
     """A named variant of the spec (``--quick``, ``--profile NAME``): its keys replace or extend the spec's."""
 
@@ -112,10 +117,7 @@ class Profile(_Strict):
     data: dict[str, Any] = Field(default_factory=dict, description="data.<key> overrides for every cell.")
     methods: Optional[list[str]] = Field(None, description="Only these configurations (names or patterns).")
     timeout_s: Optional[float] = Field(None, gt=0)
-    order: Optional[Literal["configuration", "seed"]] = Field(
-        None, description="Run order: `configuration` (every seed of one configuration, then the next) or "
-        "`seed` (rounds: every configuration once per seed, so the machine's drift spreads over all of them).",
-    )
+    order: Optional[RunOrder] = Field(None, description=ORDER_HELP)
 
 
 class Spec(_Strict):
@@ -123,10 +125,7 @@ class Spec(_Strict):
     description: Optional[str] = None
     recipe: Optional[str] = Field(None, description="Base recipe for configurations that name none.")
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
-    order: Literal["configuration", "seed"] = Field(
-        "configuration", description="Run order: `configuration` (every seed of one configuration, then the next) or "
-        "`seed` (rounds: every configuration once per seed, so the machine's drift spreads over all of them).",
-    )
+    order: RunOrder = Field("configuration", description=ORDER_HELP)
     backbones: Optional[list[str]] = Field(
         None, description="Backbone axis (backbone.name values); default: each recipe's own backbone."
     )
