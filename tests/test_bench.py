@@ -777,3 +777,29 @@ def test_heartbeat_shows_the_latest_progress_line_of_either_log(tmp_path):
     os.utime(tmp_path / "stderr.log", (4_000, 4_000))
     assert _last_progress(tmp_path) == "step 4/9"
     assert _last_progress(tmp_path / "missing") == ""
+
+
+def test_local_cells_keep_to_cpus_per_cell(monkeypatch, capsys):
+    """--cpus-per-cell without Ray: each local cell's process gets that many threads (it was ignored,
+    so two benches started side by side each ran on every core); the caller's setting comes back after."""
+    import os
+    from types import SimpleNamespace
+
+    from peftlab.bench import cli as bench_cli, runner
+    from peftlab.cli import main
+
+    chosen, seen = [], []
+    monkeypatch.setattr(bench_cli, "run_bench", lambda *a, executor=None, **k: chosen.append(executor)
+                        or SimpleNamespace(failed=[]))
+    monkeypatch.setattr(runner, "run_cell", lambda plan, cell, *a, **k: seen.append(runner._cell_env(cell)) or {})
+    monkeypatch.delenv("PEFTLAB_NUM_THREADS", raising=False)
+    assert main(["bench", "benchmarks/wnut17_minilm.yaml", "--cpus-per-cell", "1"]) == 0
+    assert main(["bench", "benchmarks/wnut17_minilm.yaml"]) == 0
+    assert chosen[1] is runner.run_locally  # no budget: every core, as before
+    cells = [SimpleNamespace(id=f"c-s{s}", config="c", env={}) for s in (42, 43)]
+    assert len(list(chosen[0](SimpleNamespace(cells=cells), cells, [], {}, {}, False, print))) == 2
+    assert [(e["PEFTLAB_NUM_THREADS"], e["OMP_NUM_THREADS"]) for e in seen] == [("1", "1")] * 2
+    assert "PEFTLAB_NUM_THREADS" not in os.environ
+    assert main(["bench", "benchmarks/wnut17_minilm.yaml", "--cpus-per-cell", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cpus-per-cell" in err and "at least 1" in err and len(err.splitlines()) == 1

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+
 from .report import write_report
-from .runner import run_bench
+from .runner import local_executor, run_bench
+
+
+def _cores(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of CPU cores, at least 1; got {text!r}")
+    return int(text)
 
 
 def _cell_arguments(b) -> None:
@@ -30,7 +38,8 @@ def _cell_arguments(b) -> None:
 
 def _ray_arguments(b) -> None:
     b.add_argument("--address", metavar="HOST:PORT", help="an existing Ray cluster (default: start Ray on this machine)")
-    b.add_argument("--cpus-per-cell", type=int, metavar="N", help="CPU cores per cell (default: all of this machine's)")
+    b.add_argument("--cpus-per-cell", type=_cores, metavar="N",
+                   help="CPU cores (threads) per cell, with either executor (default: all of this machine's)")
     b.add_argument("--gpus-per-cell", type=float, default=0, metavar="N", help="GPUs per cell (default 0)")
 
 
@@ -61,7 +70,8 @@ def add_commands(sub, command) -> None:
     def _bench(args) -> int:
         from .on_ray import ray_executor
 
-        executor = ray_executor(args.address, args.cpus_per_cell, args.gpus_per_cell) if args.executor == "ray" else None
+        executor = (ray_executor(args.address, args.cpus_per_cell, args.gpus_per_cell) if args.executor == "ray"
+                    else local_executor(args.cpus_per_cell))
         return _run(args, executor)
 
     @command("sweep")

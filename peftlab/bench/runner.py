@@ -172,6 +172,25 @@ def run_locally(plan: BenchPlan, todo: list[Cell], again: list[str], records: di
         yield cell, run_cell(plan, cell, ctx, resume, say, fresh=cell.id in again)
 
 
+def local_executor(cpus: Optional[int] = None) -> Executor:
+    """``run_locally``; with ``cpus`` (``--cpus-per-cell``) every cell keeps to that many CPU threads
+    (``PEFTLAB_NUM_THREADS``, as a Ray cell does), so benches started side by side share the cores."""
+    if not cpus:
+        return run_locally
+
+    def run(*args) -> Iterator[tuple[Cell, dict]]:
+        before = os.environ.get("PEFTLAB_NUM_THREADS")
+        os.environ["PEFTLAB_NUM_THREADS"] = str(cpus)
+        try:
+            yield from run_locally(*args)
+        finally:
+            if before is None:
+                os.environ.pop("PEFTLAB_NUM_THREADS", None)
+            else:
+                os.environ["PEFTLAB_NUM_THREADS"] = before
+    return run
+
+
 def _keep(plan: BenchPlan, cell: Cell, rec: dict, records: dict, summary: BenchSummary, say) -> None:
     """Add a finished cell's record to the summary and to results.jsonl (rewritten whole, atomically)."""
     jsonl = plan.results_dir / RESULTS_FILE
