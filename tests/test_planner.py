@@ -186,18 +186,37 @@ def test_a_run_and_its_plan_time_steps_with_the_same_threads(tiny_bert, wnut_sma
         torch.set_num_threads(before)
 
 
-def test_the_step_time_is_measured_on_batches_spread_over_the_lengths(monkeypatch):
-    """One timed batch in the middle of each quarter of the length-sorted examples, whatever the seed."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_the_step_time_is_measured_on_the_runs_own_batches_spread_over_their_sizes(monkeypatch, grouped):
+    """The timed batches are batches the run itself forms (its sampler, its seed), one in the middle
+    of each quarter of them by padded size; the epoch's mean size is the mean over all its batches."""
     from types import SimpleNamespace
 
     from peftlab.planner import build
 
     lengths = [(i * 37) % 101 + 1 for i in range(200)]  # 1..101 shuffled, each about twice
-    monkeypatch.setattr(build, "collate", lambda data, split, idx: [lengths[i] for i in idx])
+    monkeypatch.setattr(build, "collate", lambda data, split, idx: list(idx))
     data = SimpleNamespace(train=SimpleNamespace(lengths=lambda: lengths))
-    batches = build.timing_batches(data, 10)
-    ranks = sorted(lengths)
-    assert [sorted(b) for b in batches] == [ranks[s - 5:s + 5] for s in (25, 75, 125, 175)]
+    recipe = SimpleNamespace(train=SimpleNamespace(group_by_length=grouped, seed=3))
+    epoch = build.epoch_batches(data, recipe, 10)
+    assert sorted(i for b in epoch for i in b) == list(range(200))
+    t = build.timing_batches(data, recipe, 10)
+    padded = sorted(10 * max(lengths[i] for i in b) for b in epoch)
+    assert all(b in epoch for b in t.batches)
+    assert t.sizes == [padded[k] for k in (2, 7, 12, 17)]
+    assert t.epoch_size == pytest.approx(sum(padded) / 20) and t.epoch_tokens == pytest.approx(sum(lengths) / 20)
+    # length-grouped batches are nearly uniform in length, shuffled ones are padded to near the longest
+    assert (t.epoch_size < 1.3 * sum(lengths) / 20) == grouped
+
+
+def test_the_step_time_is_read_at_the_epochs_mean_batch_size():
+    """Timed batches' times fitted against their sizes: the mean time where no rising line fits."""
+    from peftlab.planner.trace import step_at
+
+    assert step_at([100, 200, 300, 400], [1.1, 2.1, 3.1, 4.1], 320) == pytest.approx(3.3)
+    assert step_at([100, 200, 300, 400], [2.0, 1.0, 1.0, 1.0], 320) == pytest.approx(1.25)  # falling: the mean
+    assert step_at([100, 100], [1.0, 2.0], 300) == pytest.approx(1.5)
+    assert step_at([100, 200], [1.0, 2.0], None) == pytest.approx(1.5)
 
 
 def test_checkpointing_lowers_the_activations(tiny_bert, wnut_small, tmp_path):

@@ -49,19 +49,29 @@ def batch_of(data: PlanData, split: Any, size: int) -> dict:
     return collate(data, split, order[:size])
 
 
+def epoch_batches(data: PlanData, recipe: Any, size: int) -> list[list[int]]:
+    """The first epoch's batches (example indices) as the run forms them: length-grouped by its
+    sampler with its seed, or shuffled."""
+    from ..tasks import LengthGroupedEpochSampler
+
+    lengths = data.train.lengths()
+    if recipe.train.group_by_length:
+        order = list(LengthGroupedEpochSampler(lengths, size, recipe.train.seed))
+    else:
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(recipe.train.seed)).tolist()
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
     """The largest training batch after the first, where a run sees each example once at most: its
     length-grouped order puts the longest example in the first batch, which then runs before any
     optimizer state exists. None where the longest batch can come again with the state (more than one
     epoch, shuffled batches, a single step)."""
-    from ..tasks import LengthGroupedEpochSampler
-
     cfg = recipe.train
     if not cfg.group_by_length:
         return None
     lengths = data.train.lengths()
-    order = list(LengthGroupedEpochSampler(lengths, size, cfg.seed))
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    batches = epoch_batches(data, recipe, size)
     steps = cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * len(batches)
     if steps > len(batches) or steps < 2:
         return None
@@ -69,18 +79,26 @@ def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
     return collate(data, data.train, largest)
 
 
-def timing_batches(data: PlanData, size: int, count: int = 4) -> list[dict]:
-    """``count`` training batches as a length-grouped epoch forms them (examples of similar length),
-    one at the middle of each ``count``-th of the examples sorted by length, so their mean length is
-    close to the epoch's (four seeded random draws were 12-19% off it for the QA, intent and generation
-    recipes, 3-6% for these)."""
+@dataclass
+class TimingBatches:
+    """The batches a step is timed on, their padded sizes (examples x longest) and the epoch's means."""
+
+    batches: list[dict]
+    sizes: list[int]
+    epoch_size: float  # padded tokens per batch, mean over the epoch
+    epoch_tokens: float  # real (non-padding) tokens per batch, mean over the epoch
+
+
+def timing_batches(data: PlanData, recipe: Any, size: int, count: int = 4) -> TimingBatches:
+    """``count`` of the run's own first-epoch batches, one at the middle of each ``count``-th of them
+    ordered by padded size. Their mean size is under the epoch's where a few batches are long (8-10%
+    on the intent recipes), so the step time is read at the epoch's mean size (``step_at``)."""
     lengths = data.train.lengths()
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches = []
-    for k in range(count):
-        start = max(0, min(len(order) - size, int((k + 0.5) * len(order) / count) - size // 2))
-        batches.append(collate(data, data.train, order[start:start + size]))
-    return batches
+    padded = (lambda b: len(b) * max(lengths[i] for i in b))
+    batches = sorted(epoch_batches(data, recipe, size), key=lambda b: (padded(b), b))
+    picks = [batches[min(len(batches) - 1, int((k + 0.5) * len(batches) / count))] for k in range(count)]
+    return TimingBatches([collate(data, data.train, b) for b in picks], [padded(b) for b in picks],
+                         sum(map(padded, batches)) / len(batches), sum(lengths) / len(batches))
 
 
 def longest_eval(data: PlanData, size: int) -> Optional[dict]:

@@ -11,8 +11,8 @@ import torch
 from .. import dropout as fast_dropout
 from ..errors import PeftlabError
 from .result import Component, Plan
-from .build import (apply_method, batch_of, later_batch, layer_count, load_data, longest_eval, meta_model,
-                    model_config, shallow_model, timing_batches)
+from .build import (TimingBatches, apply_method, batch_of, later_batch, layer_count, load_data, longest_eval,
+                    meta_model, model_config, shallow_model, timing_batches)
 from .trace import Trace, TraceInputs, trace
 from .weights import count_weights, quantizable_weights
 
@@ -46,7 +46,7 @@ class Estimator:
         self.weights = self._count_weights()  # builds the model's modules: its code is imported now
         self.base_bytes = current_rss_bytes() if self.device.type == "cpu" else 0
         self._traces: dict[tuple, Trace] = {}
-        self._batches: dict[int, tuple[dict, Optional[dict], list[dict]]] = {}
+        self._batches: dict[int, tuple[dict, Optional[dict], TimingBatches]] = {}
 
     def _count_weights(self) -> Any:
         from ..backbones import unquantized_modules
@@ -101,20 +101,22 @@ class Estimator:
             evaluate=self._evaluate,
             longest=on_device(longest),
             later=on_device(later),
-            timing=[on_device(b) for b in timing],
+            timing=[on_device(b) for b in timing.batches],
+            timing_sizes=timing.sizes,
+            epoch_size=timing.epoch_size,
             eval_batch=on_device(longest_eval(data, eval_batch_size)),
             optimizer=lambda params: make_optimizer(None, params, r, []),
             gradient_checkpointing=checkpointing,
             max_grad_norm=r.train.max_grad_norm,
         )
 
-    def train_batches(self, batch_size: int) -> tuple[dict, Optional[dict], list[dict]]:
+    def train_batches(self, batch_size: int) -> tuple[dict, Optional[dict], TimingBatches]:
         """The longest training batch of ``batch_size``, the largest one a run trains on with optimizer
         state (None: the longest) and the batches the step time is measured on."""
         if batch_size not in self._batches:
             self._batches[batch_size] = (batch_of(self.data, self.data.train, batch_size),
                                          later_batch(self.data, self.recipe, batch_size),
-                                         timing_batches(self.data, batch_size))
+                                         timing_batches(self.data, self.recipe, batch_size))
         return self._batches[batch_size]
 
     def _evaluate(self, model: Any, batch: dict) -> None:
@@ -150,7 +152,7 @@ class Estimator:
         ]
         load = self.base_bytes + w.frozen_bytes + w.trainable_bytes
         step_s = t.step_s
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else batch_size for b in timing) / len(timing)
+        tokens = timing.epoch_tokens
         return Plan(
             recipe=self.recipe.source, device=self.device.type, batch_size=batch_size, grad_accum=grad_accum,
             eval_batch_size=eval_batch_size, gradient_checkpointing=checkpointing, components=components,

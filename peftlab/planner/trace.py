@@ -130,6 +130,8 @@ class TraceInputs:
     optimizer: Callable[[list], Any]
     gradient_checkpointing: bool = False
     max_grad_norm: Optional[float] = None  # clipped as the run clips
+    timing_sizes: Optional[list] = None  # the timing batches' padded sizes (examples x longest)
+    epoch_size: Optional[float] = None  # the epoch's mean padded size: the step time is read there
 
 
 def _trainable_copy(inputs: TraceInputs, layers: int) -> tuple[Any, Any, Callable[[], Any]]:
@@ -209,7 +211,19 @@ def time_steps(inputs: TraceInputs, model: Any, optimizer: Any, clip: Callable, 
 
     step(inputs.timing[0])
     best = [min(step(batch) for _ in range(repeats)) for batch in inputs.timing]
-    return sum(best) / len(best)
+    return step_at(inputs.timing_sizes, best, inputs.epoch_size)
+
+
+def step_at(sizes: Optional[list], times: list[float], size: Optional[float]) -> float:
+    """The step time at ``size`` padded tokens: the least-squares line through the timed batches'
+    (size, time); their mean time where no line can be fitted (no sizes, one size, a falling line)."""
+    mean_t = sum(times) / len(times)
+    if size is None or not sizes or len(set(sizes)) < 2:
+        return mean_t
+    mean_x = sum(sizes) / len(sizes)
+    slope = (sum((x - mean_x) * (t - mean_t) for x, t in zip(sizes, times))
+             / sum((x - mean_x) ** 2 for x in sizes))
+    return mean_t + slope * (size - mean_x) if slope > 0 else mean_t
 
 
 TIMED_SPAN = 4  # layers between the two timed copies: one layer's time is a small difference of two noisy ones
