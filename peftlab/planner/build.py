@@ -62,6 +62,11 @@ def epoch_batches(data: PlanData, recipe: Any, size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def padded_size(lengths: list[int], batch: list[int]) -> int:
+    """Tokens of a batch padded to its longest example."""
+    return len(batch) * max(lengths[i] for i in batch)
+
+
 def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
     """The largest training batch after the first, where a run sees each example once at most: its
     length-grouped order puts the longest example in the first batch, which then runs before any
@@ -75,7 +80,7 @@ def later_batch(data: PlanData, recipe: Any, size: int) -> Optional[dict]:
     steps = cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * len(batches)
     if steps > len(batches) or steps < 2:
         return None
-    largest = max(batches[1:steps], key=lambda b: len(b) * max(lengths[i] for i in b))
+    largest = max(batches[1:steps], key=lambda b: padded_size(lengths, b))
     return collate(data, data.train, largest)
 
 
@@ -94,7 +99,7 @@ def timing_batches(data: PlanData, recipe: Any, size: int, count: int = 4) -> Ti
     ordered by padded size. Their mean size is under the epoch's where a few batches are long (8-10%
     on the intent recipes), so the step time is read at the epoch's mean size (``step_at``)."""
     lengths = data.train.lengths()
-    padded = (lambda b: len(b) * max(lengths[i] for i in b))
+    padded = (lambda b: padded_size(lengths, b))
     batches = sorted(epoch_batches(data, recipe, size), key=lambda b: (padded(b), b))
     picks = [batches[min(len(batches) - 1, int((k + 0.5) * len(batches) / count))] for k in range(count)]
     return TimingBatches([collate(data, data.train, b) for b in picks], [padded(b) for b in picks],
